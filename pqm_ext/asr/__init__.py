@@ -1,0 +1,1 @@
+"""Building, training, decoding and scoring PQM models on top of ESPnet."""

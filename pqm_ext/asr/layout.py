@@ -1,0 +1,69 @@
+"""Where a recipe's experiment outputs live, and which systems stage 8 decodes.
+
+    exp/<model>/base/                    full-precision model (stage 4)
+    exp/<model>/<nf4|int4|...>/          quantised models + size reports (stage 5)
+    exp/<model>/lora_pretrain/adapter/   multi-speaker pretrained LoRA (stage 6)
+    exp/<model>/adapt/<init>/n<N>/<spk>/adapter/   speaker adapters (stage 7; init: scratch|pretrained|semi)
+    exp/<model>/decode/<system>/hyp/<spk>.txt      hypotheses per speaker (stage 8)
+    exp/<model>/RESULTS.md, results.json, wer_vs_n.png
+
+One module knows this layout, so the stages, decoding and result tables cannot disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+# System names in result files (results.json "systems" keys) by adaptation init.
+INIT_SYSTEM = {"scratch": "lora_scratch", "pretrained": "pqm", "semi": "pqm_semi"}
+
+
+@dataclass(frozen=True)
+class System:
+    """A decodable system: a base model directory and, optionally, a per-speaker adapter."""
+
+    name: str
+    model_dir: Path
+    adapter: Optional[str] = None  # path template with {spk}, or a fixed path
+    group: str = ""                 # results.json key (e.g. "pqm")
+    n_utts: Optional[int] = None    # adaptation utterances, for adapted systems
+
+    def adapter_for(self, spk: str) -> Optional[Path]:
+        return None if self.adapter is None else Path(self.adapter.format(spk=spk))
+
+
+@dataclass(frozen=True)
+class ExpLayout:
+    root: Path
+    quant: str = "nf4"
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    def quantized(self, label: Optional[str] = None) -> Path:
+        return self.root / (label or self.quant)
+
+    @property
+    def pretrain(self) -> Path:
+        return self.root / "lora_pretrain"
+
+    def adapt(self, init: str, n: int, spk: str) -> Path:
+        return self.root / "adapt" / init / f"n{n}" / spk
+
+    def decode(self, system: str) -> Path:
+        return self.root / "decode" / system
+
+    def systems(self, nutts: Sequence[int], inits: Sequence[str], baselines: Sequence[str] = ("int4",),
+                with_pretrained: bool = True) -> List[System]:
+        out = [System("fp", self.base, group="fp"), System(self.quant, self.quantized(), group=self.quant)]
+        out += [System(b, self.quantized(b), group=b) for b in baselines]
+        if with_pretrained:
+            out.append(System("lora_pretrained", self.quantized(), str(self.pretrain / "adapter"),
+                              group="lora_pretrained"))
+        for init in inits:
+            for n in nutts:
+                template = str(self.root / "adapt" / init / f"n{n}" / "{spk}" / "adapter")
+                out.append(System(f"{INIT_SYSTEM[init]}_n{n}", self.quantized(), template, INIT_SYSTEM[init], n))
+        return out

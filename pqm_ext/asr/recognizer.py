@@ -1,0 +1,58 @@
+"""ESPnet ``Speech2Text`` on a PQM system: a (quantised) base plus per-speaker LoRA adapters.
+
+``Speech2Text`` builds models through ``ASRTask`` only, so it is built from the base's
+``config.yaml`` without weights; the base file (full precision or quantised, loaded without
+re-quantising) and the adapters are then put into that same model object in place, which the
+beam search already scores with. Switching speakers reloads only the adapter weights.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from pqm_ext.asr.model_io import MODEL_FILE, load_base
+from pqm_ext.lora import AdapterConfig, add_adapter, load_adapter
+from pqm_ext.models.whisper import register_espnet_classes
+from pqm_ext.quant import QuantConfig, set_dequant_cache
+
+logger = logging.getLogger(__name__)
+
+
+class Recognizer:
+    def __init__(self, model_dir, decode_conf: Dict, device: str = "cpu",
+                 adapter: Optional[AdapterConfig] = None, reuse_dequantized: bool = True):
+        from espnet2.bin.asr_inference import Speech2Text
+
+        register_espnet_classes()
+        model_dir = Path(model_dir)
+        self.s2t = Speech2Text(asr_train_config=str(model_dir / "config.yaml"), asr_model_file=None,
+                               device="cpu", **decode_conf)
+        self.model = self.s2t.asr_model
+        self.fingerprint = load_base(self.model, model_dir / MODEL_FILE, QuantConfig(method="none"))
+        self.adapter = adapter
+        if adapter is not None:
+            add_adapter(self.model, adapter)
+        self.model.eval()
+        set_dequant_cache(self.model, reuse_dequantized)
+        if device != "cpu":
+            self.model.to(device)
+            self.s2t.beam_search.to(device)
+            self.s2t.device = device
+        self.adapter_dir: Optional[str] = None
+
+    def use_adapter(self, adapter_dir) -> Dict:
+        """Load a speaker's adapter (it must have been trained on this base)."""
+        if self.adapter is None:
+            raise ValueError("this recognizer was built without an adapter config")
+        info = load_adapter(self.model, adapter_dir)
+        self.adapter_dir = str(adapter_dir)
+        return info
+
+    @torch.no_grad()
+    def __call__(self, speech: np.ndarray) -> str:
+        results = self.s2t(speech)
+        return results[0][0] if results else ""

@@ -1,0 +1,93 @@
+"""WER with jiwer after one documented normalisation, per speaker and pooled, with bootstrap CIs.
+
+Normalisation (applied to references and hypotheses alike): lower case; hyphens become spaces;
+punctuation removed (so "don't" and "dont" match); whitespace collapsed. Whisper writes cased,
+punctuated text and the corpora are upper case without punctuation: this makes them comparable
+without rewriting words (no spelling or number normalisation).
+
+WER is pooled over words: total errors (substitutions + deletions + insertions) / reference words.
+The 95% interval resamples utterances with replacement (1000 draws, fixed seed), as suggested for
+small test sets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import jiwer
+import numpy as np
+
+NORMALIZE = jiwer.Compose([
+    jiwer.ToLowerCase(),
+    jiwer.SubstituteRegexes({r"-": " "}),
+    jiwer.RemovePunctuation(),
+    jiwer.RemoveMultipleSpaces(),
+    jiwer.Strip(),
+])
+
+
+def normalize(text: str) -> str:
+    return NORMALIZE(text)
+
+
+@dataclass
+class UttScore:
+    utt: str
+    errors: int
+    ref_words: int
+    sub: int
+    dele: int
+    ins: int
+
+
+def score_utterances(refs: Dict[str, str], hyps: Dict[str, str]) -> List[UttScore]:
+    """Score every reference utterance; a missing hypothesis counts as empty (all deletions)."""
+    out = []
+    for utt in sorted(refs):
+        ref, hyp = normalize(refs[utt]), normalize(hyps.get(utt, ""))
+        n_ref = len(ref.split())
+        if not hyp:
+            out.append(UttScore(utt, n_ref, n_ref, 0, n_ref, 0))
+            continue
+        if not ref:
+            n_hyp = len(hyp.split())
+            out.append(UttScore(utt, n_hyp, 0, 0, 0, n_hyp))
+            continue
+        o = jiwer.process_words(ref, hyp)
+        out.append(UttScore(utt, o.substitutions + o.deletions + o.insertions, n_ref,
+                            o.substitutions, o.deletions, o.insertions))
+    return out
+
+
+def pooled_wer(scores: Sequence[UttScore]) -> float:
+    words = sum(s.ref_words for s in scores)
+    return sum(s.errors for s in scores) / max(words, 1)
+
+
+def bootstrap_ci(scores: Sequence[UttScore], draws: int = 1000, seed: int = 0) -> Tuple[float, float]:
+    if not scores:
+        return (0.0, 0.0)
+    err = np.array([s.errors for s in scores], dtype=float)
+    words = np.array([s.ref_words for s in scores], dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(scores), size=(draws, len(scores)))
+    wers = err[idx].sum(1) / np.maximum(words[idx].sum(1), 1)
+    lo, hi = np.percentile(wers, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def summarize(scores: Sequence[UttScore], utt2spk: Dict[str, str]) -> Dict:
+    by_spk: Dict[str, List[UttScore]] = {}
+    for s in scores:
+        by_spk.setdefault(utt2spk[s.utt], []).append(s)
+    lo, hi = bootstrap_ci(scores)
+    return {
+        "wer": pooled_wer(scores),
+        "ci95": [lo, hi],
+        "errors": sum(s.errors for s in scores),
+        "ref_words": sum(s.ref_words for s in scores),
+        "utts": len(scores),
+        "sub": sum(s.sub for s in scores), "del": sum(s.dele for s in scores), "ins": sum(s.ins for s in scores),
+        "per_speaker": {spk: {"wer": pooled_wer(v), "errors": sum(s.errors for s in v),
+                              "ref_words": sum(s.ref_words for s in v), "utts": len(v)}
+                        for spk, v in sorted(by_spk.items())},
+    }

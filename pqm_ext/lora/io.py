@@ -1,0 +1,78 @@
+"""Save and load one adapter in peft's format, tied to the quantised base it was trained on.
+
+A directory holds ``adapter_config.json`` (peft's LoraConfig) and ``adapter_model.safetensors``
+(peft's state-dict naming) whose metadata records the base fingerprint (a hash of the quantised
+checkpoint's tensors) and the toolkit's own settings. Loading into a different base, or an adapter
+whose shapes do not fit, is refused with a clear error.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from pqm_ext.lora.config import AdapterConfig
+from pqm_ext.utils.errors import InputError
+from pqm_ext.utils.fileio import atomic_dir
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def save_adapter(model: torch.nn.Module, out_dir, cfg: AdapterConfig, name: str = "default",
+                 info: Optional[Dict] = None, overwrite: bool = True) -> Path:
+    """Write the adapter directory atomically (it appears complete or not at all)."""
+    out_dir = Path(out_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    metadata = {"format": "pt", "pqm_base_fingerprint": getattr(model, "pqm_base_fingerprint", ""),
+                "pqm_adapter_config": json.dumps(cfg.to_dict()), "pqm_info": json.dumps(info or {})}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        peft_cfg: LoraConfig = model.peft_config[name]
+        (tmp / CONFIG).write_text(json.dumps(peft_cfg.to_dict(), indent=1, default=str))
+        save_file(state, str(tmp / WEIGHTS), metadata=metadata)
+    return out_dir
+
+
+def read_adapter(adapter_dir):
+    """Return (tensors, metadata) of an adapter directory, with clear errors for bad files."""
+    path = Path(adapter_dir) / WEIGHTS
+    if not path.is_file():
+        raise InputError(path, "adapter weights not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise InputError(path, f"unreadable adapter (truncated or corrupt?): {e}") from e
+    return tensors, meta
+
+
+def adapter_config_of(adapter_dir) -> AdapterConfig:
+    _, meta = read_adapter(adapter_dir)
+    return AdapterConfig.from_dict(json.loads(meta.get("pqm_adapter_config", "{}")))
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir, name: str = "default", check_base: bool = True) -> Dict:
+    """Load weights into the already injected adapter ``name``; return the adapter's info dict."""
+    path = Path(adapter_dir) / WEIGHTS
+    tensors, meta = read_adapter(adapter_dir)
+    base = getattr(model, "pqm_base_fingerprint", "")
+    saved = meta.get("pqm_base_fingerprint", "")
+    if check_base and saved != base:
+        raise InputError(path, f"adapter was trained on base {saved or '(unknown)'} but this model's base is "
+                               f"{base or '(unknown)'}: adapters only fit the quantised base they were trained on")
+    expected = get_peft_model_state_dict(model, adapter_name=name)
+    if set(expected) != set(tensors):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise InputError(path, f"adapter does not fit the model's LoRA layers: missing {missing[:3]}, extra {extra[:3]}")
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape:
+            raise InputError(path, f"{k}: shape {tuple(v.shape)} does not fit the model's {tuple(expected[k].shape)} "
+                                   "(different LoRA rank?)")
+    set_peft_model_state_dict(model, tensors, adapter_name=name)
+    return json.loads(meta.get("pqm_info", "{}"))

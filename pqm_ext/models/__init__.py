@@ -1,0 +1,1 @@
+"""Model builders registered into ESPnet (Whisper from local checkpoints) and weight converters."""

@@ -1,0 +1,49 @@
+"""Reuse dequantised weights across calls.
+
+On the CPU, bitsandbytes dequantises a 4-bit weight on every forward; autoregressive decoding
+calls each layer once per token, and Whisper's tied 51864-row output projection dominates. With
+the cache on, each layer dequantises once and keeps the float copy until the cache is dropped:
+the same arithmetic (dequantise, then a dense matmul), paid once. The packed weights stay the
+model's state; the copy is a transient working buffer, never saved.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+
+class DequantCacheMixin:
+    """For modules with a frozen quantised weight and ``dequantize_weight()``."""
+
+    dequant_cache_enabled: bool = False
+    _dequant_cache: Optional[torch.Tensor] = None
+
+    def cached_weight(self) -> torch.Tensor:
+        if not self.dequant_cache_enabled:
+            return self.dequantize_weight()
+        if self._dequant_cache is None:
+            with torch.no_grad():
+                self._dequant_cache = self.dequantize_weight()
+        return self._dequant_cache
+
+    def drop_dequant_cache(self) -> None:
+        self._dequant_cache = None
+
+
+def set_dequant_cache(model: torch.nn.Module, enabled: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, DequantCacheMixin):
+            m.dequant_cache_enabled = enabled
+            m.drop_dequant_cache()
+
+
+@contextlib.contextmanager
+def dequant_cache(model: torch.nn.Module, enabled: bool = True) -> Iterator[torch.nn.Module]:
+    """Cache dequantised weights inside the block (e.g. one decoding job), free them after."""
+    set_dequant_cache(model, enabled)
+    try:
+        yield model
+    finally:
+        set_dequant_cache(model, False)

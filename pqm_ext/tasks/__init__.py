@@ -1,0 +1,1 @@
+"""ESPnet tasks extended with NF4 quantisation and LoRA adapters."""

@@ -1,0 +1,103 @@
+"""ESPnet's ASR task with NF4 quantisation and peft LoRA, without forking ESPnet.
+
+``PQMASRTask`` is ``ASRTask`` plus four options, all saved in ``config.yaml`` like ESPnet's own:
+``--base_model_file`` (the frozen base: a quantised or full-precision model file),
+``--quant_conf`` (a ``QuantConfig``; applied when the base is full precision), ``--lora_conf``
+(an ``AdapterConfig``; its absence means no adapter) and ``--init_adapter`` (initialise LoRA from
+a saved adapter, e.g. the multi-speaker pretrained one). Training, checkpointing, resuming and
+``Speech2Text`` decoding stay ESPnet's.
+
+For Whisper targets (``token_type: whisper_en``), the preprocessor writes the transcript as Whisper
+does (leading space, sentence case) and prefixes ``<|notimestamps|>``, so training matches the
+``<|startoftranscript|><|notimestamps|>`` prompt ESPnet decodes with.
+
+Usage:
+    python -m pqm_ext.bin.train --config conf/train.yaml --base_model_file exp/nf4/model.safetensors ...
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from espnet2.tasks.asr import ASRTask
+from espnet2.utils.nested_dict_action import NestedDictAction
+from espnet2.utils.types import str_or_none
+from pqm_ext.asr.model_io import load_base
+from pqm_ext.lora import AdapterConfig, add_adapter, load_adapter
+from pqm_ext.models.whisper import register_espnet_classes
+from pqm_ext.quant import QuantConfig, quantize_model
+
+logger = logging.getLogger(__name__)
+
+
+def whisper_text(text: str) -> str:
+    """Corpus text (upper case, no punctuation) written the way Whisper emits it."""
+    text = text.strip().lower()
+    return " " + text[:1].upper() + text[1:]
+
+
+class _WhisperTargets:
+    """Wrap a preprocessor: Whisper-style casing in, ``<|notimestamps|>`` prefixed out."""
+
+    def __init__(self, inner: Callable, no_timestamps: int):
+        self.inner, self.no_timestamps = inner, no_timestamps
+
+    def __call__(self, uid: str, data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        if "text" in data and isinstance(data["text"], str):
+            data = dict(data, text=whisper_text(data["text"]))
+        out = self.inner(uid, data)
+        if "text" in out:
+            out["text"] = np.concatenate([[self.no_timestamps], out["text"]]).astype(out["text"].dtype)
+        return out
+
+
+class PQMASRTask(ASRTask):
+    @classmethod
+    def get_parser(cls) -> argparse.ArgumentParser:
+        register_espnet_classes()
+        return super().get_parser()
+
+    @classmethod
+    def add_task_arguments(cls, parser: argparse.ArgumentParser):
+        super().add_task_arguments(parser)
+        group = parser.add_argument_group(description="PQM: quantised base and LoRA adapters")
+        group.add_argument("--base_model_file", type=str_or_none, default=None,
+                           help="Frozen base: a quantised (pqm-quantized-v1) or full-precision (pqm-fp-v1) "
+                                "safetensors model file")
+        group.add_argument("--quant_conf", action=NestedDictAction, default={"method": "none"},
+                           help="Quantisation of a full-precision base (see pqm_ext.quant.QuantConfig)")
+        group.add_argument("--lora_conf", action=NestedDictAction, default=None,
+                           help="LoRA adapter (see pqm_ext.lora.AdapterConfig); none: no adapter")
+        group.add_argument("--init_adapter", type=str_or_none, default=None,
+                           help="Initialise the LoRA adapter from this adapter directory")
+
+    @classmethod
+    def build_model(cls, args: argparse.Namespace):
+        register_espnet_classes()
+        model = super().build_model(args)
+        quant = QuantConfig.from_dict(getattr(args, "quant_conf", None) or {"method": "none"})
+        base = getattr(args, "base_model_file", None)
+        if base:
+            load_base(model, base, quant)
+        elif quant.enabled:
+            quantize_model(model, quant)
+        lora = getattr(args, "lora_conf", None)
+        if lora:
+            add_adapter(model, AdapterConfig.from_dict(lora))
+            if getattr(args, "init_adapter", None):
+                load_adapter(model, args.init_adapter)
+                logger.info("initialised LoRA from %s", args.init_adapter)
+        return model
+
+    @classmethod
+    def build_preprocess_fn(cls, args: argparse.Namespace, train: bool) -> Optional[Callable]:
+        fn = super().build_preprocess_fn(args, train)
+        if fn is not None and str(getattr(args, "token_type", "")).startswith("whisper"):
+            from whisper.tokenizer import get_tokenizer
+
+            tokenizer = get_tokenizer(multilingual=args.token_type != "whisper_en")
+            fn = _WhisperTargets(fn, tokenizer.no_timestamps)
+        return fn
