@@ -1,0 +1,40 @@
+"""Stage 2: write DST as a data dir of 16 kHz mono 16-bit WAV files (DST/data/<utt>.wav) cut and
+resampled from SRC, with text, utt2spk, spk2utt and utt2num_samples; skipped when DST is complete.
+
+Usage:
+    python -m pqm_ext.bin.format_data_dir data/sa_test dump/raw/sa_test --nj 4
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pqm_ext.data.format import format_data_dir
+from pqm_ext.data.kaldi_dir import CHECK_AUDIO
+from pqm_ext.utils.errors import InputError
+from pqm_ext.utils.log import setup_logging
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="prepared data dir (wav.scp of flac/sph/wav paths, optional segments)")
+    p.add_argument("dst", help="output data dir")
+    p.add_argument("--nj", type=int, default=1, help="parallel processes")
+    p.add_argument("--sample_rate", type=int, default=16000)
+    p.add_argument("--check_audio", choices=CHECK_AUDIO, default="header", help="how SRC's audio is checked first")
+    return p
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    a = get_parser().parse_args(argv)
+    try:
+        format_data_dir(a.src, a.dst, nj=a.nj, sample_rate=a.sample_rate, check_audio=a.check_audio)
+    except InputError as e:  # a problem with the user's data: say where, without a traceback
+        logging.error("%s", e)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Check a Kaldi-style data dir: sorted unique ids, every utterance in every file, speakers as id
+prefixes, normalised non-empty text, readable 16 kHz audio. Errors name the file and the line.
+
+Usage:
+    python -m pqm_ext.bin.validate_data_dir data/sa_test
+    python -m pqm_ext.bin.validate_data_dir --check_audio decode dump/sa_test
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pqm_ext.data.kaldi_dir import CHECK_AUDIO, validate_data_dir
+from pqm_ext.utils.errors import InputError
+from pqm_ext.utils.log import setup_logging
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data_dir", nargs="+", help="data dir(s) to check")
+    p.add_argument("--check_audio", choices=CHECK_AUDIO, default="header",
+                   help="open every audio header, decode every file, or neither")
+    p.add_argument("--allow_resample", action="store_true", help="accept audio that is not 16 kHz")
+    return p
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    a = get_parser().parse_args(argv)
+    try:
+        for d in a.data_dir:
+            validate_data_dir(d, check_audio=a.check_audio, allow_resample=a.allow_resample)
+    except InputError as e:  # a problem with the user's data: say where, without a traceback
+        logging.error("%s", e)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

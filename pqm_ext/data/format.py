@@ -1,0 +1,136 @@
+"""Stage 2: turn a prepared data dir into one ESPnet reads directly (wav.scp of type ``sound``).
+
+Every utterance becomes a 16 kHz mono 16-bit WAV file ``DST/data/<utt>.wav``: cut out of its recording
+when the source has ``segments`` (TED-LIUM), resampled when the source rate differs, channels
+averaged. DST gets wav.scp (absolute paths), text, utt2spk, spk2utt, utt2num_samples (and spk2gender
+when the source has it). DST is built in a temporary directory, validated and renamed, and records its
+source in ``.format_data_dir.yaml``: a complete DST for the same source is skipped, one made from an
+older source is rebuilt, and a DST that this step did not write is never touched.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import soundfile as sf
+import yaml
+from tqdm import tqdm
+
+from pqm_ext.data.audio import audio_info, read_audio, resample, to_int16
+from pqm_ext.data.kaldi_dir import DataDir, validate_data_dir
+from pqm_ext.utils.errors import InputError
+from pqm_ext.utils.fileio import atomic_dir
+
+MARKER = ".format_data_dir.yaml"
+SOURCE_FILES = ("wav.scp", "segments", "text", "utt2spk", "spk2gender")
+
+# (recording path, [(utt, start s or None, end s or None)], output dir, sample rate)
+Job = Tuple[str, List[Tuple[str, Optional[float], Optional[float]]], str, int]
+
+
+def source_digest(src: Path) -> str:
+    """Hash of the source files, and of the size and mtime of every audio file, that determine DST."""
+    h = hashlib.sha1()
+    for name in SOURCE_FILES:
+        if (src / name).is_file():
+            h.update(name.encode() + b"\0" + (src / name).read_bytes() + b"\0")
+    if (src / "wav.scp").is_file():
+        for line in (src / "wav.scp").read_text(encoding="utf-8").splitlines():
+            path = line.split(maxsplit=1)[-1]
+            st = os.stat(path) if os.path.exists(path) else None
+            h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}\n".encode() if st else f"{path}:missing\n".encode())
+    return h.hexdigest()
+
+
+def _format_recording(job: Job) -> Union[List[Tuple[str, int]], Tuple[str, str]]:
+    """Write one recording's utterances; returns [(utt, samples)] or ("error", message)."""
+    path, items, out_dir, rate = job
+    try:
+        if audio_info(path).sample_rate == rate:
+            samples, _ = read_audio(path, dtype="int16")
+        else:
+            samples, src_rate = read_audio(path, dtype="float32")
+            samples = to_int16(resample(samples, src_rate, rate))
+    except InputError as e:
+        return "error", str(e)
+    done = []
+    for utt, start, end in items:
+        a = 0 if start is None else int(round(start * rate))
+        b = len(samples) if end is None else min(int(round(end * rate)), len(samples))
+        if b <= a:
+            return "error", f"{path}: segment '{utt}' ({start}-{end} s) lies outside the recording " \
+                            f"({len(samples) / rate:.2f} s)"
+        sf.write(str(Path(out_dir) / f"{utt}.wav"), samples[a:b], rate, subtype="PCM_16", format="WAV")
+        done.append((utt, b - a))
+    return done
+
+
+def _jobs(data: DataDir, out_dir: Path, rate: int) -> List[Job]:
+    if data.segments is None:
+        return [(data.wav_scp[u], [(u, None, None)], str(out_dir), rate) for u in data.utts]
+    by_rec: Dict[str, List[Tuple[str, Optional[float], Optional[float]]]] = {}
+    for utt in data.utts:
+        seg = data.segments[utt]
+        by_rec.setdefault(seg.recording, []).append((utt, seg.start, seg.end))
+    return [(data.wav_scp[r], items, str(out_dir), rate) for r, items in sorted(by_rec.items())]
+
+
+def is_formatted(src: Path, dst: Path) -> bool:
+    """True when ``dst`` is complete and was formatted from the current ``src``."""
+    marker = dst / MARKER
+    if not dst.exists():
+        return False
+    if not marker.is_file():
+        raise InputError(dst, "exists but was not written by format_data_dir: remove it or choose another DST")
+    with open(marker, encoding="utf-8") as f:
+        record = yaml.safe_load(f) or {}
+    return record.get("source") == str(src.absolute()) and record.get("digest") == source_digest(src)
+
+
+def format_data_dir(src: Union[str, Path], dst: Union[str, Path], nj: int = 1, sample_rate: int = 16000,
+                    check_audio: str = "header") -> Path:
+    """Write DST as described in the module docstring; returns DST."""
+    src, dst = Path(src), Path(dst)
+    if is_formatted(src, dst):
+        logging.info("%s is complete: skipping", dst)
+        return dst
+    data = validate_data_dir(src, check_audio=check_audio, sample_rate=sample_rate, allow_resample=True)
+    final = dst.absolute()
+    with atomic_dir(dst, overwrite=True) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; DST is an ordinary directory
+        wav_dir = tmp / "data"
+        wav_dir.mkdir()
+        jobs = _jobs(data, wav_dir, sample_rate)
+        utt2num_samples: Dict[str, int] = {}
+        pool = multiprocessing.Pool(nj) if nj > 1 else None
+        try:
+            results = pool.imap_unordered(_format_recording, jobs) if pool else map(_format_recording, jobs)
+            with tqdm(total=len(data.utt2spk), desc=f"format {dst.name}", unit="utt") as bar:
+                for result in results:
+                    if isinstance(result, tuple):
+                        raise InputError(src / "wav.scp", result[1])
+                    utt2num_samples.update(result)
+                    bar.update(len(result))
+        finally:
+            if pool:
+                pool.terminate()
+                pool.join()
+        out = DataDir(
+            wav_scp={u: str(final / "data" / f"{u}.wav") for u in data.utts},
+            text=data.text, utt2spk=data.utt2spk, utt2num_samples=utt2num_samples, spk2gender=data.spk2gender,
+        )
+        out.write(tmp)
+        validate_data_dir(tmp, check_audio="header", sample_rate=sample_rate,
+                          remap=(str(final), str(tmp.absolute())))
+        with open(tmp / MARKER, "w", encoding="utf-8") as f:
+            yaml.safe_dump({"source": str(src.absolute()), "digest": source_digest(src),
+                            "sample_rate": sample_rate, "utterances": len(out.utt2spk)}, f, sort_keys=False)
+    total = sum(utt2num_samples.values()) / sample_rate / 3600
+    logging.info("%s: %d utterances, %.2f h of audio", dst, len(utt2num_samples), total)
+    return dst

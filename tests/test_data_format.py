@@ -1,0 +1,133 @@
+"""Stage-2 formatter: 16 kHz mono 16-bit WAV per utterance, exact cuts, resampling, skip and atomicity."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from data_fixtures import SPLIT_ARGS, librispeech_tree, run_data_sh, tedlium_tree  # noqa: F401
+from pqm_ext.data.format import MARKER, format_data_dir
+from pqm_ext.data.kaldi_dir import DataDir, read_data_dir, validate_data_dir
+from pqm_ext.utils.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, librispeech_tree, tedlium_tree):
+    """{corpus: data dir} prepared by the recipes' data.sh."""
+    root = tmp_path_factory.mktemp("prepared")
+    out = {}
+    for layout, tree in (("librispeech", librispeech_tree), ("tedlium3", tedlium_tree)):
+        proc = run_data_sh(layout, root, "--data_dir", layout, *SPLIT_ARGS, corpus=tree)
+        assert proc.returncode == 0, proc.stderr
+        out[layout] = root / layout
+    return out
+
+
+def check_formatted(src: Path, dst: Path) -> DataDir:
+    data = validate_data_dir(dst, check_audio="decode")
+    source = read_data_dir(src)
+    assert data.text == source.text and data.utt2spk == source.utt2spk and data.segments is None
+    assert (dst / "spk2utt").read_text() == (src / "spk2utt").read_text()
+    for utt, path in data.wav_scp.items():
+        assert path == str(dst.absolute() / "data" / f"{utt}.wav")
+        info = sf.info(path)
+        assert (info.format, info.subtype, info.samplerate, info.channels) == ("WAV", "PCM_16", 16000, 1)
+        assert info.frames == data.utt2num_samples[utt]
+    assert sorted(p.name for p in (dst / "data").iterdir()) == sorted(f"{u}.wav" for u in data.utt2spk)
+    return data
+
+
+def test_segments_are_cut_exactly_from_sph(tmp_path, prepared):
+    src = prepared["tedlium3"] / "sa_test"
+    data = check_formatted(src, format_data_dir(src, tmp_path / "sa_test", nj=2))
+    source = read_data_dir(src)
+    for utt, seg in source.segments.items():
+        talk, _ = sf.read(source.wav_scp[seg.recording], dtype="int16")
+        expected = talk[round(seg.start * 16000):round(seg.end * 16000)]
+        got, _ = sf.read(data.wav_scp[utt], dtype="int16")
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_flac_utterances_are_copied_exactly_and_rerun_skips(tmp_path, prepared):
+    src = prepared["librispeech"] / "pretrain"
+    dst = tmp_path / "pretrain"
+    cmd = [sys.executable, "-m", "pqm_ext.bin.format_data_dir", str(src), str(dst), "--nj", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    data = check_formatted(src, dst)
+    for utt, flac in read_data_dir(src).wav_scp.items():
+        np.testing.assert_array_equal(sf.read(data.wav_scp[utt], dtype="int16")[0], sf.read(flac, dtype="int16")[0])
+
+    stamp = [p.stat().st_mtime_ns for p in sorted(dst.rglob("*"))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "complete: skipping" in proc.stderr
+    assert [p.stat().st_mtime_ns for p in sorted(dst.rglob("*"))] == stamp
+
+
+def test_resampled_and_downmixed(tmp_path, prepared):
+    """A 44.1 kHz stereo and an 8 kHz copy of real utterances come back as 16 kHz mono."""
+    source = read_data_dir(prepared["librispeech"] / "dev")
+    (u1, f1), (u2, f2) = sorted(source.wav_scp.items())[:2]
+    conv = {u1: (tmp_path / "a.wav", ["-r", "44100", "-c", "2"]), u2: (tmp_path / "b.wav", ["-r", "8000"])}
+    for utt, flac in ((u1, f1), (u2, f2)):
+        subprocess.run(["sox", "-D", flac] + conv[utt][1] + [str(conv[utt][0])], check=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    DataDir({u: str(conv[u][0]) for u in conv}, {u: source.text[u] for u in conv},
+            {u: source.utt2spk[u] for u in conv}).write(src)
+    with pytest.raises(InputError, match="sample rate 44100, expected 16000"):
+        validate_data_dir(src)
+    data = check_formatted(src, format_data_dir(src, tmp_path / "dst"))
+    for utt, flac in ((u1, f1), (u2, f2)):
+        ref, _ = sf.read(flac, dtype="float32")
+        got, _ = sf.read(data.wav_scp[utt], dtype="float32")
+        assert abs(len(got) - len(ref)) <= 2
+        n = min(len(got), len(ref))
+        corr = np.corrcoef(ref[:n], got[:n])[0, 1]
+        assert corr > (0.99 if utt == u1 else 0.5), (utt, corr)  # 8 kHz loses the upper band
+
+
+def test_changed_source_is_rebuilt_and_foreign_dst_refused(tmp_path, prepared):
+    src = tmp_path / "src"
+    src.mkdir()
+    read_data_dir(prepared["librispeech"] / "dev").write(src)
+    dst = format_data_dir(src, tmp_path / "dst")
+    text = (src / "text").read_text().splitlines()
+    (src / "text").write_text("\n".join([text[0].split()[0] + " CHANGED TEXT"] + text[1:]) + "\n")
+    format_data_dir(src, dst)
+    assert (dst / "text").read_text().splitlines()[0].endswith(" CHANGED TEXT")
+
+    utt, flac = sorted(read_data_dir(src).wav_scp.items())[0]
+    copy = tmp_path / "copy.flac"
+    shutil.copy(flac, copy)
+    (src / "wav.scp").write_text((src / "wav.scp").read_text().replace(flac, str(copy)))
+    format_data_dir(src, dst)
+    subprocess.run(["sox", "-D", flac, str(copy), "trim", "0", "0.5"], check=True)  # new audio, same path
+    format_data_dir(src, dst)
+    assert read_data_dir(dst).utt2num_samples[utt] == 8000
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("user data")
+    with pytest.raises(InputError, match="not written by format_data_dir"):
+        format_data_dir(src, foreign)
+    assert (foreign / "keep.txt").read_text() == "user data"
+
+
+def test_undecodable_audio_leaves_nothing(tmp_path, prepared):
+    src = tmp_path / "src"
+    src.mkdir()
+    data = read_data_dir(prepared["librispeech"] / "sa_adapt")
+    bad = tmp_path / "bad.flac"
+    good = Path(sorted(data.wav_scp.values())[-1]).read_bytes()
+    bad.write_bytes(good[: len(good) // 2])  # header fine, stream truncated
+    last = sorted(data.wav_scp)[-1]
+    data.wav_scp[last] = str(bad)
+    data.write(src)
+    with pytest.raises(InputError, match=rf"{bad}: cannot decode audio"):
+        format_data_dir(src, tmp_path / "dst", nj=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.flac", "src"]
+    assert not (tmp_path / "dst" / MARKER).exists()

@@ -1,0 +1,145 @@
+"""egs/tedlium3_sa/local/data.sh on a synthesised TED-LIUM 3 tree: segments, held-out talks, splits,
+determinism and the bad inputs it must refuse without leaving a partial data dir."""
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_fixtures import (OUTPUTS, SPLIT_ARGS, assert_no_outputs, copy_tree, run_data_sh, tedlium_tree,  # noqa: F401
+                           tree_digest)
+from pqm_ext.data.kaldi_dir import validate_data_dir
+from pqm_ext.data.text import normalise_tedlium
+
+TED = "tedlium3"
+
+
+def prepare(tmp_path: Path, corpus: Path, *args: str, name: str = "data"):
+    proc = run_data_sh(TED, tmp_path, "--data_dir", name, *(args or SPLIT_ARGS), corpus=corpus)
+    return proc, tmp_path / name
+
+
+def stm_segments(corpus: Path, subset: str) -> dict:
+    """{talk: [(start, end, words)]} of the scored segments of a subset's stm files."""
+    out = {}
+    for stm in sorted((corpus / "TEDLIUM_release-3/legacy" / subset / "stm").glob("*.stm")):
+        rows = [line.split(maxsplit=6) for line in stm.read_text().splitlines()]
+        out[stm.stem] = [(float(r[3]), float(r[4]), r[6]) for r in rows if r[6] != "ignore_time_segment_in_scoring"]
+    return out
+
+
+def test_data_sh_writes_valid_dirs_with_segments(tmp_path, tedlium_tree):
+    proc, data = prepare(tmp_path, tedlium_tree)
+    assert proc.returncode == 0, proc.stderr
+    assert "dropped 5 ignore_time_segment_in_scoring" in proc.stderr  # one lead-in per train talk
+    meta = yaml.safe_load((tedlium_tree / "speakers.yaml").read_text())
+    role = {s["id"]: s["role"] for s in meta["speakers"]}
+    train, dev = stm_segments(tedlium_tree, "train"), stm_segments(tedlium_tree, "dev")
+    dirs = {name: validate_data_dir(data / name, check_audio="decode") for name in OUTPUTS[:4]}
+    targets = dirs["sa_test"].speakers
+    # Held-out talks: 2 of the 3 target talks (the pool talks have too few segments to be drawn).
+    assert len(targets) == 2 and {role[t] for t in targets} == {"target"} and dirs["sa_adapt"].speakers == targets
+    assert dirs["pretrain"].speakers == sorted(set(train) - set(targets))
+    assert dirs["dev"].speakers == sorted(dev)
+    gender = {s["id"]: s["gender"] for s in meta["speakers"]}
+    assert all(d.spk2gender == {t: gender[t] for t in d.speakers} for d in dirs.values())
+    for name, d in dirs.items():
+        assert d.segments is not None and set(d.wav_scp) == set(d.speakers)  # talks are recordings and speakers
+        for talk, path in d.wav_scp.items():
+            assert path.endswith(f"/legacy/{'dev' if name == 'dev' else 'train'}/sph/{talk}.sph")
+        for utt, seg in d.segments.items():
+            talk = d.utt2spk[utt]
+            assert seg.recording == talk and utt == f"{talk}-{round(seg.start * 100):07d}-{round(seg.end * 100):07d}"
+            stm = {(s, e): w for s, e, w in (train if name != "dev" else dev)[talk]}
+            assert d.text[utt] == normalise_tedlium(stm[(seg.start, seg.end)])
+    assert len(dirs["pretrain"].utt2spk) == sum(len(train[t]) for t in dirs["pretrain"].speakers)
+    assert len(dirs["dev"].utt2spk) == sum(len(v) for v in dev.values())
+
+    for talk in targets:
+        adapt = (data / "sa_splits" / f"{talk}.adapt").read_text().split()
+        test = (data / "sa_splits" / f"{talk}.test").read_text().split()
+        assert len(adapt) == 4 and len(test) == 3 and not set(adapt) & set(test)
+        assert set(adapt) <= set(dirs["sa_adapt"].utt2spk) and set(test) <= set(dirs["sa_test"].utt2spk)
+    test_text = set(dirs["sa_test"].text.values())
+    assert not test_text & (set(dirs["sa_adapt"].text.values()) | set(dirs["pretrain"].text.values()))
+    assert any("'" in t for d in dirs.values() for t in d.text.values()), "contractions are joined back"
+
+
+def test_same_seed_same_dirs(tmp_path, tedlium_tree):
+    a = prepare(tmp_path, tedlium_tree, *SPLIT_ARGS, "--seed", "1", name="a")[1]
+    b = prepare(tmp_path, tedlium_tree, *SPLIT_ARGS, "--seed", "1", name="b")[1]
+    c = prepare(tmp_path, tedlium_tree, *SPLIT_ARGS, "--seed", "2", name="c")[1]
+    assert tree_digest(a) == tree_digest(b) != tree_digest(c)
+
+
+def test_sa_talks_from_legacy_test(tmp_path, tedlium_tree):
+    test_talk = sorted(stm_segments(tedlium_tree, "test"))[0]
+    proc, data = prepare(tmp_path, tedlium_tree, "--sa_subsets", "train test", "--target_speakers", test_talk,
+                         "--num_test", "1", "--max_adapt", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert validate_data_dir(data / "sa_test").speakers == [test_talk]
+    assert test_talk not in validate_data_dir(data / "pretrain").speakers
+
+
+def _stm(root: Path, subset: str = "train") -> Path:
+    return sorted((root / "TEDLIUM_release-3/legacy" / subset / "stm").glob("*.stm"))[0]
+
+
+def _sph(root: Path, subset: str = "train") -> Path:
+    stm = _stm(root, subset)
+    return stm.parent.parent / "sph" / f"{stm.stem}.sph"
+
+
+def _edit_stm(root: Path, edit) -> None:
+    stm = _stm(root)
+    rows = stm.read_text().splitlines()
+    stm.write_text("\n".join(edit(rows)) + "\n")
+
+
+def _with_times(row: str, start: str, end: str) -> str:
+    f = row.split(" ", 5)
+    return " ".join(f[:3] + [start, end, f[5]])
+
+
+BAD = {
+    "subset missing": (lambda r: shutil.rmtree(r / "TEDLIUM_release-3/legacy/dev/stm"),
+                       "legacy/dev/stm: subset 'dev' missing"),
+    "sph missing": (lambda r: _sph(r).unlink(), "{stm}: no audio for this talk"),
+    "sph does not decode": (lambda r: _sph(r).write_bytes(b"NIST_1A garbage" * 50), ".sph: cannot read audio header"),
+    "empty transcript": (lambda r: _edit_stm(r, lambda rows: rows[:2] + [" ".join(rows[2].split()[:6])] + rows[3:]),
+                         "{stm}:3: empty transcript"),
+    "duplicate segment": (lambda r: _edit_stm(r, lambda rows: rows[:3] + [rows[2]] + rows[3:]),
+                          "{stm}:4: duplicate utterance id"),
+    "bad times": (lambda r: _edit_stm(r, lambda rows: rows[:1] + [_with_times(rows[1], "3.00", "0.50")] + rows[2:]),
+                  "{stm}:2: bad times 3.0 0.5"),
+    "segment past the audio": (lambda r: _edit_stm(r, lambda rows: rows + [_with_times(rows[-1], "900.00", "901.00")]),
+                               "ends at 901.0 s, after the end of the recording"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_corpus_fails_clearly_without_partial_output(tmp_path, tedlium_tree, name):
+    corrupt, message = BAD[name]
+    corpus = copy_tree(tedlium_tree, tmp_path / "corpus")
+    stm = _stm(corpus)
+    corrupt(corpus)
+    proc, data = prepare(tmp_path, corpus)
+    assert proc.returncode == 1
+    assert message.format(stm=stm) in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert_no_outputs(data)
+
+
+def test_talk_with_too_few_segments(tmp_path, tedlium_tree):
+    proc, data = prepare(tmp_path, tedlium_tree, "--num_target_speakers", "4", "--max_adapt", "4", "--num_test", "3")
+    assert proc.returncode == 1
+    assert "only 3 of 5 speakers have at least 7 utterances" in proc.stderr and "fewer than the 4" in proc.stderr
+    assert_no_outputs(data)
+
+
+def test_corpus_variable_empty(tmp_path):
+    proc = run_data_sh(TED, tmp_path, *SPLIT_ARGS)
+    assert proc.returncode == 1 and "TEDLIUM3 is empty: set it in db.sh" in proc.stderr
+    proc = run_data_sh(TED, tmp_path, *SPLIT_ARGS, env={"TEDLIUM3": str(tmp_path / "none")})
+    assert proc.returncode == 1 and f"TEDLIUM3={tmp_path / 'none'}: no such directory" in proc.stderr
+    assert_no_outputs(tmp_path / "data")
