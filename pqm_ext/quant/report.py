@@ -77,6 +77,14 @@ class SizeReport:
         return "\n".join(lines)
 
 
+def write_size_report(report: "SizeReport", out_dir) -> None:
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    (out_dir / "size_report.txt").write_text(report.to_text() + "\n")
+    (out_dir / "size_report.json").write_text(report.to_json() + "\n")
+
+
 def size_report(model: torch.nn.Module, method: str = "", storage_dtype: str = "float16",
                 exclude_lora: bool = True) -> SizeReport:
     """Measure a (possibly quantised) model; LoRA parameters are left out (they are the adapter)."""

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# The PQM stages shared by every recipe (ESPnet's asr.sh in spirit): a recipe's run.sh sets the
+# corpus options and calls this script with "$@". Every stage calls a `python -m pqm_ext.bin.<step>`
+# entry point; units of work whose complete output exists are skipped, so a re-run continues.
+#   1 data prep (offline demo corpus when no corpus path is set)   5 quantisation + size report
+#   2 format + validate data dirs                                  6 LoRA pretraining (multi-speaker pool)
+#   3 token list                                                   7 speaker adaptive training (per speaker)
+#   4 base model                                                   8 decoding, scoring, RESULTS.md
+set -euo pipefail
+log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[0]}) $*" >&2; }
+SECONDS=0
+
+# General
+stage=1; stop_stage=8; nj=2; ngpu=0; seed=0
+model=whisper              # whisper | conformer
+corpus=                    # name in result files: librispeech_sa | tedlium3_sa
+corpus_layout=             # demo corpus layout: librispeech | tedlium3
+corpus_dir=                # the real corpus (from db.sh); empty: synthesise the offline demo corpus
+demo_dir=downloads/demo    # where the demo corpus is synthesised
+demo_opts=                 # options of python -m pqm_ext.bin.synth_demo_corpus
+data_opts=                 # options of local/data.sh
+# Models
+model_config=              # default: conf/<model>/model.yaml
+whisper_checkpoint=        # openai-whisper checkpoint (e.g. base.en.pt); empty: bundled tiny.en
+pretrained_model=          # conformer: an ESPnet model dir (config.yaml + model file) instead of training
+base_train_config=         # conformer: training config of the base model
+nbpe=300                   # conformer: sentencepiece vocabulary size
+quant=nf4                  # the quantised base that is adapted (conf/quant_<quant>.yaml)
+baselines="int4"           # other quantisations decoded for comparison (conf/quant_<b>.yaml)
+# Adaptation
+nutts="5 10 20"            # adaptation utterances per speaker (first N of data/sa_splits/<spk>.adapt)
+inits="scratch pretrained" # scratch | pretrained (PQM) | semi (PQM on pseudo-labels)
+pseudo_labels=false        # add the semi-supervised variant: the fp model decodes the adaptation data
+decode_config=             # default: conf/<model>/decode.yaml
+
+help_message="Usage: $0 [options]  (see the comments at the top of egs/TEMPLATE/pqm.sh)"
+options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts
+         model_config whisper_checkpoint pretrained_model base_train_config nbpe quant baselines nutts inits
+         pseudo_labels decode_config"
+. utils/parse_options.sh
+[ $# -eq 0 ] || { log "unexpected argument: $1"; exit 1; }
+. ./path.sh
+. ./cmd.sh
+
+case $model in whisper|conformer) ;; *) log "--model must be whisper or conformer, not '$model'"; exit 1 ;; esac
+if [ "$stage" -gt "$stop_stage" ]; then log "--stage $stage is after --stop_stage $stop_stage"; exit 1; fi
+model_config=${model_config:-conf/$model/model.yaml}
+decode_config=${decode_config:-conf/$model/decode.yaml}
+[ "$pseudo_labels" = true ] && [[ " $inits " != *" semi "* ]] && inits="$inits semi"
+exp=exp/$model
+dump=dump/raw
+run() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
+speakers() { cut -d' ' -f1 data/sa_test/spk2utt; }
+# split_speakers N DIR: write DIR/spk.1 .. DIR/spk.N (round robin) and print N
+split_speakers() {
+  local n=$1 dir=$2 total
+  total=$(speakers | wc -l)
+  if [ "$n" -gt "$total" ]; then log "--nj $n is larger than the number of target speakers ($total)"; exit 1; fi
+  mkdir -p "$dir"; rm -f "$dir"/spk.*
+  speakers | awk -v n="$n" -v d="$dir" '{ print > (d "/spk." ((NR - 1) % n + 1)) }'
+}
+
+if run 1; then
+  log "Stage 1: data preparation"
+  if [ -z "$corpus_dir" ]; then
+    log "no corpus path set (db.sh): synthesising the offline demo corpus in $demo_dir ($corpus_layout layout)"
+    python -m pqm_ext.bin.synth_demo_corpus --layout "$corpus_layout" --out "$demo_dir" --seed "$seed" \
+      --nj "$nj" $demo_opts
+    corpus_dir=$demo_dir
+  fi
+  local/data.sh --corpus "$corpus_dir" --seed "$seed" $data_opts
+fi
+
+if run 2; then
+  log "Stage 2: format and validate data dirs into $dump"
+  for x in pretrain dev sa_adapt sa_test; do
+    python -m pqm_ext.bin.format_data_dir data/$x $dump/$x --nj "$nj"
+  done
+fi
+
+if [ $model = whisper ]; then token_list=data/token_list/whisper_en/tokens.txt
+else token_list=data/token_list/bpe_unigram$nbpe/tokens.txt; fi
+
+if run 3; then
+  log "Stage 3: token list $token_list"
+  if [ -f "$token_list" ]; then log "exists: skipping"
+  elif [ $model = whisper ]; then
+    python -m espnet2.bin.whisper_export_vocabulary --whisper_model whisper_en --output "$token_list.tmp"
+    mv "$token_list.tmp" "$token_list"
+  else
+    python -m pqm_ext.bin.make_bpe --text data/pretrain/text --nbpe "$nbpe" --out "$(dirname "$token_list")"
+  fi
+fi
+
+if run 4; then
+  log "Stage 4: base model $exp/base"
+  if [ -f $exp/base/model.safetensors ]; then log "exists: skipping"
+  elif [ $model = whisper ]; then
+    python -m pqm_ext.bin.prepare_whisper_base --config "$model_config" --token_list "$token_list" \
+      --checkpoint "$whisper_checkpoint" --out $exp/base
+  else
+    python -m pqm_ext.bin.train_base --config "$model_config" ${base_train_config:+--train_config "$base_train_config"} \
+      --token_list "$token_list" --bpemodel "$(dirname "$token_list")/bpe.model" --train_data $dump/pretrain \
+      --valid_data $dump/dev --pretrained_model "$pretrained_model" --ngpu "$ngpu" --seed "$seed" --out $exp/base
+  fi
+fi
+
+if run 5; then
+  for q in $quant $baselines; do
+    log "Stage 5: quantisation $q -> $exp/$q"
+    if [ -f $exp/$q/model.safetensors ]; then log "exists: skipping"; continue; fi
+    python -m pqm_ext.bin.quantize --model_dir $exp/base --quant_config conf/quant_$q.yaml --out $exp/$q
+  done
+fi
+
+if run 6; then
+  log "Stage 6: LoRA pretraining on $dump/pretrain -> $exp/lora_pretrain"
+  if [ -f $exp/lora_pretrain/adapter/adapter_model.safetensors ]; then log "exists: skipping"
+  else
+    ${cuda_cmd} --gpu "$ngpu" $exp/lora_pretrain/train.log \
+      python -m pqm_ext.bin.train_adapter --model_dir $exp/$quant \
+        --train_config conf/lora_trainer.yaml conf/$model/lora_pretrain.yaml \
+        --train_data $dump/pretrain --valid_data $dump/dev --out $exp/lora_pretrain --ngpu "$ngpu" --seed "$seed"
+  fi
+fi
+
+if run 7; then
+  nspk=$(speakers | wc -l)
+  log "Stage 7: speaker adaptive training, $nspk speakers x N in {$nutts} x init in {$inits}"
+  pseudo_opt=
+  if [[ " $inits " == *" semi "* ]]; then
+    log "pseudo-labels: the fp model decodes the adaptation data"
+    split_speakers "$nj" $exp/pseudo_labels/split >/dev/null
+    ${decode_cmd} JOB=1:"$nj" $exp/pseudo_labels/log/decode.JOB.log \
+      python -m pqm_ext.bin.decode --exp_dir $exp --out_dir $exp/pseudo_labels --systems fp --data $dump/sa_adapt \
+        --speakers @$exp/pseudo_labels/split/spk.JOB --decode_config "$decode_config" --ngpu "$ngpu"
+    cat $exp/pseudo_labels/fp/hyp/*.txt | sort > $exp/pseudo_labels/text
+    pseudo_opt="--pseudo_text $exp/pseudo_labels/text"
+  fi
+  split_speakers "$nspk" $exp/adapt/split >/dev/null
+  # shellcheck disable=SC2086
+  ${cuda_cmd} --gpu "$ngpu" --max_jobs_run "$nj" JOB=1:"$nspk" $exp/adapt/log/adapt.JOB.log \
+    python -m pqm_ext.bin.adapt_speakers --exp_dir $exp --quant $quant --data $dump/sa_adapt --splits data/sa_splits \
+      --speakers @$exp/adapt/split/spk.JOB --nutts $nutts --inits $inits $pseudo_opt --ngpu "$ngpu" --seed "$seed" \
+      --config scratch=conf/lora_trainer.yaml,conf/$model/adapt_scratch.yaml \
+      --config pretrained=conf/lora_trainer.yaml,conf/$model/adapt_pretrained.yaml
+fi
+
+if run 8; then
+  log "Stage 8: decoding ($decode_config) and scoring"
+  split_speakers "$nj" $exp/decode/split >/dev/null
+  # shellcheck disable=SC2086
+  ${cuda_cmd} --gpu "$ngpu" JOB=1:"$nj" $exp/decode/log/decode.JOB.log \
+    python -m pqm_ext.bin.decode --exp_dir $exp --quant $quant --baselines $baselines --data $dump/sa_test \
+      --speakers @$exp/decode/split/spk.JOB --nutts $nutts --inits $inits --decode_config "$decode_config" \
+      --ngpu "$ngpu"
+  python -m pqm_ext.bin.make_results --exp_dir $exp --quant $quant --baselines $baselines --data $dump/sa_test \
+    --model $model --corpus "$corpus" --nutts $nutts --inits $inits --decode_config "$decode_config"
+  log "RESULTS: $PWD/$exp/RESULTS.md"
+fi
+log "finished stages $stage-$stop_stage in ${SECONDS}s"

@@ -1,0 +1,90 @@
+"""Speaker adaptive training: one LoRA adapter per target speaker, N and initialisation.
+
+For each speaker the first N utterances of ``data/sa_splits/<spk>.adapt`` are the adaptation
+set. ``scratch`` trains a fresh adapter; ``pretrained`` (PQM) starts from the multi-speaker
+pretrained LoRA; ``semi`` is PQM trained on pseudo-labels (a teacher's decoding, any ``text``
+file) instead of the references — the paper's semi-supervised variant. The adaptation set also
+serves as ESPnet's validation set (its loss is logged; training runs a fixed number of epochs).
+
+Every (speaker, N, init) is a unit of work: skipped when its adapter exists, and a failure is
+recorded while the other units go on.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from pqm_ext.asr.layout import ExpLayout
+from pqm_ext.asr.train import ADAPTER, train_adapter
+from pqm_ext.data.kaldi_dir import DataDir
+from pqm_ext.utils.errors import InputError
+from pqm_ext.utils.fileio import atomic_dir
+
+logger = logging.getLogger(__name__)
+INITS = ("scratch", "pretrained", "semi")
+
+
+def read_split(path: Path) -> List[str]:
+    if not path.is_file():
+        raise InputError(path, "speaker split file not found (is the speaker a target speaker of this data dir?)")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_labels(path: Path) -> Dict[str, str]:
+    labels = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.strip().split(maxsplit=1)
+        if parts:
+            labels[parts[0]] = parts[1] if len(parts) > 1 else ""
+    return labels
+
+
+def adaptation_set(data: DataDir, utts: Sequence[str], labels: Optional[Dict[str, str]], labels_path=None) -> DataDir:
+    subset = data.subset(utts)
+    if labels is not None:
+        missing = [u for u in utts if not labels.get(u, "").strip()]
+        if missing:
+            raise InputError(labels_path, f"no pseudo-label for {missing[0]} ({len(missing)} missing)")
+        subset.text = {u: labels[u] for u in subset.text}
+    return subset
+
+
+def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, nutts: Sequence[int],
+                  inits: Sequence[str], configs: Dict[str, List[str]], pseudo_text: Optional[Path] = None,
+                  ngpu: int = 0, seed: int = 0, keep_checkpoints: bool = False) -> List[str]:
+    """Train every (N, init) adapter of ``spk``; return failures as human-readable lines."""
+    order = read_split(Path(splits_dir) / f"{spk}.adapt")
+    labels = read_labels(Path(pseudo_text)) if pseudo_text and "semi" in inits else None
+    failures = []
+    for n in nutts:
+        if n > len(order):
+            failures.append(f"{spk} n={n}: {splits_dir}/{spk}.adapt has only {len(order)} adaptation utterances")
+            continue
+        for init in inits:
+            out = layout.adapt(init, n, spk)
+            if (out / ADAPTER / "adapter_model.safetensors").is_file():
+                continue
+            try:
+                if init == "semi" and labels is None:
+                    raise ValueError("init 'semi' needs pseudo-labels (--pseudo_text)")
+                subset = adaptation_set(data, order[:n], labels if init == "semi" else None, pseudo_text)
+                data_dir = out / "data"
+                if not (data_dir / "utt2num_samples").is_file():
+                    with atomic_dir(data_dir, overwrite=True) as tmp:
+                        subset.write(tmp)
+                init_adapter = str(layout.pretrain / ADAPTER) if init in ("pretrained", "semi") else None
+                info = {"speaker": spk, "n_utts": n, "init": init,
+                        "labels": str(pseudo_text) if init == "semi" else "reference"}
+                train_adapter(layout.quantized(), configs[init], data_dir, data_dir, out, init_adapter=init_adapter,
+                              ngpu=ngpu, seed=seed, info=info)
+                if not keep_checkpoints:
+                    for ckpt in (out / "train").glob("*.pth"):
+                        ckpt.unlink()
+                logger.info("adapted %s n=%d init=%s", spk, n, init)
+            except Exception as e:  # one unit's failure must not cost the others
+                logger.error("%s n=%d init=%s failed:\n%s", spk, n, init, traceback.format_exc())
+                failures.append(f"{spk} n={n} init={init}: {type(e).__name__}: {e}")
+    return failures
+

@@ -1,0 +1,162 @@
+"""The paper's table for a user's speakers: RESULTS.md, results.json and a WER-vs-N plot.
+
+Every number is recomputed from the hypothesis files (``decode/<system>/hyp/*.txt``) and the
+references, so the table always says how it was made: model, quantisation, adapter init, N,
+decoding settings.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from safetensors.torch import load_file
+
+from pqm_ext.asr.layout import INIT_SYSTEM, ExpLayout, System
+from pqm_ext.asr.score import score_utterances, summarize
+from pqm_ext.data.kaldi_dir import DataDir
+from pqm_ext.utils.fileio import write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def read_hyps(decode_dir: Path, speakers: Sequence[str]) -> Optional[Dict[str, str]]:
+    hyps = {}
+    for spk in speakers:
+        f = decode_dir / "hyp" / f"{spk}.txt"
+        if not f.is_file():
+            return None
+        for line in f.read_text(encoding="utf-8").splitlines():
+            utt, _, text = line.partition(" ")
+            hyps[utt] = text
+    return hyps
+
+
+def decode_timing(decode_dir: Path, speakers: Sequence[str]) -> Dict:
+    audio = dec = 0.0
+    for spk in speakers:
+        f = decode_dir / "hyp" / f"{spk}.json"
+        if f.is_file():
+            d = json.loads(f.read_text())
+            audio, dec = audio + d["audio_s"], dec + d["decode_s"]
+    return {"audio_s": round(audio, 2), "decode_s": round(dec, 2), "rtf": round(dec / audio, 4) if audio else None}
+
+
+def adapter_params(adapter_dir: Path) -> int:
+    return sum(t.numel() for t in load_file(str(adapter_dir / "adapter_model.safetensors")).values())
+
+
+def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str, corpus: str,
+            decode_conf: Dict) -> Dict:
+    speakers = sorted(set(data.utt2spk.values()))
+    results: Dict = {"model": model, "corpus": corpus, "quant": layout.quant, "speakers": speakers,
+                     "test_utts": len(data.utt2spk), "decode": decode_conf, "systems": {}, "decode_time": {}}
+    for system in systems:
+        hyps = read_hyps(layout.decode(system.name), speakers)
+        if hyps is None:
+            logger.warning("%s: not decoded for every speaker, left out", system.name)
+            continue
+        summary = summarize(score_utterances(data.text, hyps), data.utt2spk)
+        write_text_atomic(layout.decode(system.name) / "score.json", json.dumps(summary, indent=1))
+        if system.n_utts is None:
+            results["systems"][system.group] = summary
+        else:
+            results["systems"].setdefault(system.group, {})[str(system.n_utts)] = summary
+        results["decode_time"][system.name] = decode_timing(layout.decode(system.name), speakers)
+    fp = results["systems"].get("fp", {}).get("wer")
+    if fp:
+        results["relative_wer_reduction_vs_fp"] = {
+            name: ({n: (fp - v["wer"]) / fp for n, v in entry.items()} if "wer" not in entry
+                   else (fp - entry["wer"]) / fp)
+            for name, entry in results["systems"].items() if name != "fp"}
+    sizes = {}
+    for label in ["base"] + [s.group for s in systems if s.n_utts is None and s.group not in ("fp", "lora_pretrained")]:
+        report = (layout.base if label == "base" else layout.quantized(label)) / "size_report.json"
+        if report.is_file():
+            r = json.loads(report.read_text())
+            sizes["fp32" if label == "base" else label] = r["bytes"]
+            results.setdefault("base_params", r["total_params"])
+    results["bytes"] = sizes
+    params = {}
+    for init, group in INIT_SYSTEM.items():
+        found = sorted((layout.root / "adapt" / init).glob("n*/*/adapter"))
+        if found:
+            params[group] = adapter_params(found[0])
+    if (layout.pretrain / "adapter").is_dir():
+        params["lora_pretrained"] = adapter_params(layout.pretrain / "adapter")
+    results["adapter_params_by_system"] = params
+    results["adapter_params"] = max(params.values()) if params else 0
+    return results
+
+
+def _pct(x: Optional[float]) -> str:
+    return "" if x is None else f"{100 * x:.1f}"
+
+
+def render_markdown(r: Dict) -> str:
+    mb = 1e6
+    lines = [f"# Results: {r['model']} on {r['corpus']}", "",
+             f"Target speakers: {len(r['speakers'])}, test utterances: {r['test_utts']}. "
+             f"WER pooled over all test words (errors / reference words), 95% bootstrap interval over utterances. "
+             f"Decoding: {json.dumps(r['decode'])}. Normalisation: lower case, punctuation removed (pqm_ext.asr.score).",
+             "", "| system | N adapt utts | WER % | 95% CI | rel. WER reduction vs FP % | base size MB |",
+             "|---|---|---|---|---|---|"]
+    sizes = r.get("bytes", {})
+    rel = r.get("relative_wer_reduction_vs_fp", {})
+    for name, entry in r["systems"].items():
+        rows = [(None, entry)] if "wer" in entry else sorted(entry.items(), key=lambda kv: int(kv[0]))
+        for n, e in rows:
+            rr = rel.get(name)
+            rr = rr.get(n) if isinstance(rr, dict) else rr
+            size = sizes.get("fp32" if name == "fp" else (name if name in sizes else r.get("quant")))
+            lines.append(f"| {name} | {n or '-'} | {_pct(e['wer'])} | {_pct(e['ci95'][0])}-{_pct(e['ci95'][1])} | "
+                         f"{'' if name == 'fp' else _pct(rr)} | {'' if size is None else f'{size / mb:.1f}'} |")
+    lines += ["", f"Base parameters: {r.get('base_params')}; adapter parameters per speaker: "
+              f"{json.dumps(r.get('adapter_params_by_system', {}))}"]
+    if r.get("base_params") and r.get("adapter_params"):
+        lines.append(f"Largest adapter = {100 * r['adapter_params'] / r['base_params']:.2f}% of the base parameters.")
+    if "fp32" in sizes and r.get("quant") in sizes:
+        lines.append(f"Model size: fp32 {sizes['fp32'] / mb:.1f} MB -> {r['quant']} {sizes[r['quant']] / mb:.1f} MB "
+                     f"({sizes['fp32'] / sizes[r['quant']]:.2f}x smaller).")
+    lines += ["", "## Per speaker WER %", ""]
+    cols = [(name, n) for name, entry in r["systems"].items()
+            for n in ([None] if "wer" in entry else sorted(entry, key=int))]
+    lines.append("| speaker | " + " | ".join(f"{c}{'' if n is None else '@' + n}" for c, n in cols) + " |")
+    lines.append("|---" * (len(cols) + 1) + "|")
+    for spk in r["speakers"]:
+        vals = []
+        for name, n in cols:
+            e = r["systems"][name] if n is None else r["systems"][name][n]
+            vals.append(_pct(e["per_speaker"].get(spk, {}).get("wer")))
+        lines.append(f"| {spk} | " + " | ".join(vals) + " |")
+    lines += ["", "## Decoding time", "", "| system | audio s | decode s | RTF |", "|---|---|---|---|"]
+    for name, t in r.get("decode_time", {}).items():
+        lines.append(f"| {name} | {t['audio_s']} | {t['decode_s']} | {t['rtf']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_wer_vs_n(r: Dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for name, entry in r["systems"].items():
+        if "wer" in entry:
+            ax.axhline(100 * entry["wer"], linestyle="--", linewidth=1, label=name,
+                       color={"fp": "black", "nf4": "tab:red"}.get(name))
+        else:
+            ns = sorted(entry, key=int)
+            ax.plot([int(n) for n in ns], [100 * entry[n]["wer"] for n in ns], marker="o", label=name)
+            drawn = True
+    ax.set_xlabel("adaptation utterances per speaker (N)")
+    ax.set_ylabel("WER %")
+    ax.set_title(f"{r['model']} on {r['corpus']}: WER vs N")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+    return drawn

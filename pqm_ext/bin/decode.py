@@ -1,0 +1,66 @@
+"""Stage 8 (decoding): every system on the target speakers' test sets, with their own adapters.
+
+Systems: fp, the quantised base (nf4), baselines (int4), the pretrained LoRA alone, and per N the
+speaker adapters trained from scratch (lora_scratch_n<N>) and from the pretrained LoRA (pqm_n<N>,
+pqm_semi_n<N>). Beam search is ESPnet's (conf/decode.yaml). Output: exp/<model>/decode/<system>/hyp.
+
+Usage:
+    python -m pqm_ext.bin.decode --exp_dir exp/whisper --data dump/raw/sa_test --speakers @spk.1 \
+        --nutts 5 10 20 --inits scratch pretrained --decode_config conf/decode.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pqm_ext.asr.config import read_yaml
+from pqm_ext.asr.decode import decode_systems
+from pqm_ext.asr.layout import ExpLayout
+from pqm_ext.bin.adapt_speakers import speakers_of
+from pqm_ext.data.kaldi_dir import read_data_dir
+from pqm_ext.utils.errors import InputError
+from pqm_ext.utils.log import setup_logging
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp_dir", required=True)
+    p.add_argument("--quant", default="nf4")
+    p.add_argument("--baselines", nargs="*", default=["int4"])
+    p.add_argument("--data", required=True, help="formatted test data dir")
+    p.add_argument("--speakers", nargs="+", required=True, help="speaker ids, or @file")
+    p.add_argument("--nutts", nargs="*", type=int, default=[])
+    p.add_argument("--inits", nargs="*", default=["scratch", "pretrained"])
+    p.add_argument("--no_pretrained", action="store_true", help="skip the pretrained-LoRA-only system")
+    p.add_argument("--systems", nargs="*", default=None, help="decode only these systems")
+    p.add_argument("--decode_config", required=True)
+    p.add_argument("--out_dir", default=None, help="default: <exp_dir>/decode (e.g. pseudo-labels elsewhere)")
+    p.add_argument("--ngpu", type=int, default=0)
+    return p
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    a = get_parser().parse_args(argv)
+    layout = ExpLayout(Path(a.exp_dir), quant=a.quant)
+    systems = layout.systems(a.nutts, a.inits, a.baselines, with_pretrained=not a.no_pretrained)
+    if a.systems is not None:
+        systems = [s for s in systems if s.name in a.systems]
+    data = read_data_dir(a.data)
+    speakers = speakers_of(a.speakers)
+    unknown = [s for s in speakers if s not in set(data.utt2spk.values())]
+    if unknown:
+        raise InputError(Path(a.data) / "utt2spk", f"unknown speaker(s) {unknown}")
+    conf = read_yaml(a.decode_config)
+    out_dir = Path(a.out_dir) if a.out_dir else layout.root / "decode"
+    failures = decode_systems(systems, data, speakers, out_dir, conf,
+                              device="cuda" if a.ngpu > 0 else "cpu")
+    if failures:
+        logging.error("not decoded:\n  %s", "\n  ".join(failures))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

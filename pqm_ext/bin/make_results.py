@@ -1,0 +1,51 @@
+"""Stage 8 (scoring): RESULTS.md, results.json and wer_vs_n.png from the decoded hypotheses.
+
+Usage:
+    python -m pqm_ext.bin.make_results --exp_dir exp/whisper --data dump/raw/sa_test --model whisper \
+        --corpus librispeech_sa --nutts 5 10 20 --inits scratch pretrained --decode_config conf/decode.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from pqm_ext.asr.config import read_yaml
+from pqm_ext.asr.layout import ExpLayout
+from pqm_ext.asr.results import collect, plot_wer_vs_n, render_markdown
+from pqm_ext.data.kaldi_dir import read_data_dir
+from pqm_ext.utils.fileio import atomic_file, write_text_atomic
+from pqm_ext.utils.log import setup_logging
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp_dir", required=True)
+    p.add_argument("--quant", default="nf4")
+    p.add_argument("--baselines", nargs="*", default=["int4"])
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--nutts", nargs="*", type=int, default=[])
+    p.add_argument("--inits", nargs="*", default=["scratch", "pretrained"])
+    p.add_argument("--decode_config", required=True)
+    return p
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    a = get_parser().parse_args(argv)
+    layout = ExpLayout(Path(a.exp_dir), quant=a.quant)
+    systems = layout.systems(a.nutts, a.inits, a.baselines)
+    results = collect(layout, systems, read_data_dir(a.data), a.model, a.corpus, read_yaml(a.decode_config))
+    write_text_atomic(layout.root / "results.json", json.dumps(results, indent=1))
+    write_text_atomic(layout.root / "RESULTS.md", render_markdown(results))
+    with atomic_file(layout.root / "wer_vs_n.png", "wb") as f:
+        f.close()
+        plot_wer_vs_n(results, Path(f.name))
+    logging.info("wrote %s", layout.root / "RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Stage 6: LoRA pretraining on the multi-speaker pool with the quantised base frozen.
+
+Runs ESPnet's trainer (resumable: re-running continues from its checkpoint) and saves the adapter
+in peft's format to ``<out>/adapter``.
+
+Usage:
+    python -m pqm_ext.bin.train_adapter --model_dir exp/whisper/nf4 --train_config conf/lora_trainer.yaml conf/whisper/lora_pretrain.yaml \
+        --train_data dump/raw/pretrain --valid_data dump/raw/dev --out exp/whisper/lora_pretrain
+"""
+from __future__ import annotations
+
+import argparse
+
+from pqm_ext.asr.train import train_adapter
+from pqm_ext.utils.log import setup_logging
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", required=True, help="quantised base model directory")
+    p.add_argument("--train_config", required=True, nargs="+",
+                   help="YAML files merged in order: ESPnet trainer options, lora_conf, ...")
+    p.add_argument("--train_data", required=True)
+    p.add_argument("--valid_data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--init_adapter", default=None, help="start from this adapter directory")
+    p.add_argument("--ngpu", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    a = get_parser().parse_args(argv)
+    train_adapter(a.model_dir, a.train_config, a.train_data, a.valid_data, a.out, init_adapter=a.init_adapter,
+                  ngpu=a.ngpu, seed=a.seed, info={"stage": "lora_pretrain", "train_data": a.train_data})
+
+
+if __name__ == "__main__":
+    main()
