@@ -86,6 +86,7 @@ class PQMWhisperDecoder(OpenAIWhisperDecoder):
         self.dropout = torch.nn.Dropout(dropout_rate)
         self.load_origin_token_embedding = False
         self._cross_kv_source: Optional[torch.Tensor] = None
+        self._cross_kv_view: Tuple = ()
         self._cross_kv: Dict = {}
 
     def _cross_attention_cache(self, memory: torch.Tensor) -> Dict:
@@ -93,18 +94,24 @@ class PQMWhisperDecoder(OpenAIWhisperDecoder):
 
         ESPnet's Whisper decoder recomputes them for every hypothesis at every step, which made
         them most of the decoding time. Beam search passes ``encoder_out.expand(n_hyps, ...)``
-        views, so one utterance is recognised by the tensor the views share; the cached values
-        are computed on one copy and expanded to the number of hypotheses.
+        views, so one utterance is recognised by the tensor the views share and where in it the
+        view starts (utterances sliced from one batched encoder output share the tensor); the
+        cached values are computed on one copy and expanded to the number of hypotheses. Rows of
+        different utterances (a batch that is not an ``expand``) get their own keys/values.
         """
         source = memory._base if memory._base is not None else memory
-        if source is not self._cross_kv_source:
-            one = memory[:1]
+        shared = memory.size(0) == 1 or memory.stride(0) == 0
+        view = (memory.storage_offset(), tuple(memory.shape[1:]), memory.stride()[1:])
+        if not shared:
+            view += (memory.size(0), memory.stride(0))
+        if source is not self._cross_kv_source or view != self._cross_kv_view:
+            rows = memory[:1] if shared else memory
             self._cross_kv = {}
             for block in self.decoders.blocks:
                 attn = block.cross_attn
-                self._cross_kv[attn.key] = attn.key(one)
-                self._cross_kv[attn.value] = attn.value(one)
-            self._cross_kv_source = source
+                self._cross_kv[attn.key] = attn.key(rows)
+                self._cross_kv[attn.value] = attn.value(rows)
+            self._cross_kv_source, self._cross_kv_view = source, view
         n = memory.size(0)
         return {m: kv.expand(n, *kv.shape[1:]) for m, kv in self._cross_kv.items()}
 

@@ -1,0 +1,252 @@
+"""peft LoRA speaker adapters on NF4-quantised ESPnet models: injection, training, save/load, BatchNorm."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import yaml
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+from pqm_ext.lora import AdapterConfig, adapter_num_params, add_adapter, load_adapter, save_adapter
+from pqm_ext.patterns import any_match
+from pqm_ext.quant import QuantConfig, load_quantized, quantize_model, save_quantized
+from pqm_ext.quant.nf4 import NF4Linear
+from pqm_ext.utils.errors import InputError
+
+ADAPTER = AdapterConfig(rank=4, alpha=8.0,
+                        target_modules=["self_attn.linear_q", "self_attn.linear_v", "feed_forward.w_1"])
+
+
+@pytest.fixture(scope="module")
+def nf4_dir(conformer_model_dir, tmp_path_factory):
+    """The tiny Conformer quantised to NF4 by stage 5 (config.yaml + model.safetensors)."""
+    from pqm_ext.bin.quantize import quantize_dir
+
+    d = tmp_path_factory.mktemp("lora")
+    (d / "quant.yaml").write_text(yaml.safe_dump({"quant_conf": {"method": "nf4"}}))
+    return quantize_dir(conformer_model_dir, d / "quant.yaml", d / "nf4")
+
+
+@pytest.fixture(scope="module")
+def other_nf4_file(build_conformer, tmp_path_factory):
+    """Another NF4 base of the same architecture (other weights, so another fingerprint)."""
+    model = build_conformer(seed=1)
+    quantize_model(model, QuantConfig())
+    path = tmp_path_factory.mktemp("other") / "model.safetensors"
+    save_quantized(model, path, QuantConfig())
+    return path
+
+
+@pytest.fixture
+def load_base(build_conformer):
+    """``load_base(path)``: a fresh model with the quantised base of ``path`` (and its fingerprint)."""
+    def load(path):
+        model = build_conformer(seed=7)
+        load_quantized(model, path)
+        return model
+
+    return load
+
+
+def train_steps(model, batch, steps: int = 4, lr: float = 0.02):
+    """A few Adam steps on the ESPnet loss (train mode), then eval mode. Returns the eval losses before/after."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    model.eval()
+    with torch.no_grad():
+        before = model(*batch)[0].sum().item()
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(*batch)[0].sum().backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(*batch)[0].sum().item()
+    return before, after
+
+
+def outputs(model, batch):
+    model.eval()
+    with torch.no_grad():
+        enc, _ = model.encode(*batch[:2])
+        return enc, model(*batch)[0]
+
+
+def base_state(model):
+    return {k.replace(".base_layer.", "."): v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+# --------------------------------------------------------------------------- injection
+@pytest.mark.parametrize("quantised", [True, False])
+@pytest.mark.parametrize("targets", [["self_attn.linear_q", "self_attn.linear_v"], ["*.self_attn.linear_*"],
+                                     ["feed_forward.w_1", "feed_forward_macaron.w_1", "src_attn.linear_out"]])
+def test_add_adapter_wraps_targets_and_freezes_the_rest(quantised, targets, nf4_dir, load_base, build_conformer):
+    model = load_base(nf4_dir / "model.safetensors") if quantised else build_conformer()
+    cfg = AdapterConfig(rank=2, alpha=4.0, target_modules=targets)
+    layers = add_adapter(model, cfg)
+    assert layers
+    for name in layers:
+        layer = model.get_submodule(name)
+        if quantised:
+            assert type(layer) is LoraLinear4bit and type(layer.base_layer) is NF4Linear, name
+        else:
+            assert type(layer) is LoraLinear and type(layer.base_layer) is torch.nn.Linear, name
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    assert trainable == lora and len(lora) == 2 * len(layers)
+    bases = [model.get_submodule(n).base_layer for n in layers]
+    expected = sum(cfg.rank * (b.in_features + b.out_features) for b in bases)
+    assert adapter_num_params(model) == expected
+    # Exactly the layers the patterns name, on dot boundaries.
+    candidates = [n for n, m in build_conformer().named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(layers) == sorted(n for n in candidates if any_match(n, targets))
+
+
+def test_adapter_on_nf4_whisper_trains_only_lora(whisper_fp, speech, whisper_tokenizer):
+    model = copy.deepcopy(whisper_fp)
+    quantize_model(model, QuantConfig())
+    layers = add_adapter(model, AdapterConfig(rank=1, alpha=1.0, target_modules=["attn.query", "attn.value"]))
+    # Self-attention of 4 encoder and 4 decoder blocks; "attn.query" does not match "cross_attn.query".
+    assert len(layers) == 2 * (4 + 4) and not any("cross_attn" in n for n in layers)
+    assert all(type(model.get_submodule(n)) is LoraLinear4bit for n in layers)
+    tok = whisper_tokenizer
+    y = torch.tensor([[tok.no_timestamps] + tok.encode(" " + speech[1])])
+    x = torch.from_numpy(speech[0])[None]
+    model.train()
+    model(x, torch.tensor([x.shape[1]]), y, torch.tensor([y.shape[1]]))[0].sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(".lora_A." in n or ".lora_B." in n for n in with_grad)
+    # B starts at zero, so the first gradient reaches B (A's is zero).
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_B." in n)
+
+
+@pytest.mark.parametrize("targets", [["no_such_layer"], ["feed_forward"], ["conv_module.pointwise_conv1"], ["linear"]])
+def test_target_matching_nothing_is_an_error(targets, nf4_dir, load_base):
+    """A container, a quantised convolution (not a LoRA layer type) or a partial name match nothing."""
+    model = load_base(nf4_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="matched no layer"):
+        add_adapter(model, AdapterConfig(target_modules=targets))
+
+
+def test_adapter_config_validation():
+    for bad in (dict(rank=0), dict(alpha=0), dict(dropout=1.0), dict(target_modules=[])):
+        with pytest.raises(ValueError):
+            AdapterConfig(**{"target_modules": ["linear_q"], **bad})
+    with pytest.raises(ValueError, match="unknown LoRA option"):
+        AdapterConfig.from_dict({"target_modules": ["linear_q"], "r": 4})
+
+
+# --------------------------------------------------------------------------- training, save, load
+def test_training_changes_only_the_adapter(nf4_dir, load_base, random_batch):
+    model = load_base(nf4_dir / "model.safetensors")
+    batch = random_batch(seed=11)
+    base_enc, base_loss = outputs(model, batch)
+    before_state = base_state(model)
+    add_adapter(model, ADAPTER)
+    enc0, loss0 = outputs(model, batch)
+    assert torch.equal(enc0, base_enc) and torch.equal(loss0, base_loss), "LoRA B starts at zero"
+    before, after = train_steps(model, batch)
+    assert after < before
+    enc1, _ = outputs(model, batch)
+    assert ((enc1 - base_enc).norm() / base_enc.norm()).item() > 1e-3
+    after_state = base_state(model)
+    assert list(after_state) == list(before_state)
+    for k in before_state:
+        assert torch.equal(before_state[k], after_state[k]), f"{k} of the frozen base changed"
+
+
+def test_save_load_round_trip_and_refusals(nf4_dir, load_base, other_nf4_file, random_batch, tmp_path):
+    base_file = nf4_dir / "model.safetensors"
+    model = load_base(base_file)
+    add_adapter(model, ADAPTER)
+    batch = random_batch(seed=12)
+    train_steps(model, batch)
+    ref_enc, ref_loss = outputs(model, batch)
+    out = save_adapter(model, tmp_path / "spk1", ADAPTER, info={"speaker": "spk1"})
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+
+    fresh = load_base(base_file)
+    add_adapter(fresh, ADAPTER)
+    assert load_adapter(fresh, out) == {"speaker": "spk1"}
+    enc, loss = outputs(fresh, batch)
+    assert torch.equal(enc, ref_enc) and torch.equal(loss, ref_loss)
+
+    # Another base (same architecture, other weights): refused, path in the message.
+    other = load_base(other_nf4_file)
+    add_adapter(other, ADAPTER)
+    with pytest.raises(InputError, match="only fit the quantised base") as err:
+        load_adapter(other, out)
+    assert str(out) in str(err.value)
+
+    # Same base, other rank / other targets / no file.
+    for cfg, message in [
+            (AdapterConfig(rank=2, alpha=8.0, target_modules=ADAPTER.target_modules), "different LoRA rank"),
+            (AdapterConfig(rank=4, alpha=8.0, target_modules=["self_attn.linear_q"]), "does not fit")]:
+        m = load_base(base_file)
+        add_adapter(m, cfg)
+        with pytest.raises(InputError, match=message) as err:
+            load_adapter(m, out)
+        assert str(out) in str(err.value)
+    with pytest.raises(InputError, match="not found"):
+        load_adapter(fresh, tmp_path / "nobody")
+
+
+# --------------------------------------------------------------------------- BatchNorm
+@pytest.mark.parametrize("freeze", [True, False])
+def test_batchnorm_statistics_and_reloaded_adapter(freeze, nf4_dir, load_base, random_batch, tmp_path):
+    """Frozen BN: running statistics stay the base's, so the saved adapter reproduces the trained model.
+    Not frozen (the control): training moves them and the reloaded adapter no longer matches."""
+    base_file = nf4_dir / "model.safetensors"
+    cfg = AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules, freeze_batchnorm=freeze)
+    model = load_base(base_file)
+    add_adapter(model, cfg)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(bns) == 2  # one per Conformer convolution module
+    stats = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
+    batch = random_batch(seed=13)
+    model.train()
+    with torch.no_grad():
+        model(*batch)
+    moved = [not (torch.equal(m, bn.running_mean) and torch.equal(v, bn.running_var)) for (m, v), bn in zip(stats, bns)]
+    assert moved == [not freeze] * 2
+    assert all(bn.weight.requires_grad is False for bn in bns)
+
+    train_steps(model, batch)
+    ref = outputs(model, batch)
+    save_adapter(model, tmp_path / "a", cfg)
+    fresh = load_base(base_file)
+    add_adapter(fresh, cfg)
+    load_adapter(fresh, tmp_path / "a")
+    got = outputs(fresh, batch)
+    same = torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert same is freeze
+
+
+@pytest.mark.slow
+def test_decoding_with_reloaded_adapter_matches_training_time(nf4_dir, conformer_decode_conf, random_batch, tmp_path):
+    """ESPnet's Speech2Text over the NF4 base: train the adapter in the recogniser's own model, decode,
+    save; a new recogniser with the saved adapter decodes identically (hypothesis and score)."""
+    from pqm_ext.asr.recognizer import Recognizer
+
+    rec = Recognizer(nf4_dir, conformer_decode_conf, adapter=ADAPTER)
+    speech = random_batch(seed=14, n=1)[0][0].numpy()
+    base_hyp = rec.s2t(speech)[0]
+    batch = random_batch(seed=14, n=1)
+    # Teach it a fixed transcript for this input so that the hypothesis moves.
+    target = torch.tensor([[ord(c) - ord("a") + 2 for c in "hello"]])
+    batch = (batch[0], batch[1], target, torch.tensor([5]))
+    train_steps(rec.model, batch, steps=15, lr=0.05)
+    rec.model.eval()
+    text, tokens, ids, hyp = rec.s2t(speech)[0]
+    save_adapter(rec.model, tmp_path / "spk", ADAPTER)
+
+    rec2 = Recognizer(nf4_dir, conformer_decode_conf, adapter=ADAPTER)
+    assert rec2.s2t(speech)[0][2] == base_hyp[2]  # the injected adapter starts as a no-op
+    rec2.use_adapter(tmp_path / "spk")
+    text2, tokens2, ids2, hyp2 = rec2.s2t(speech)[0]
+    assert (text2, tokens2, ids2) == (text, tokens, ids)
+    assert torch.equal(hyp2.yseq, hyp.yseq) and hyp2.score == hyp.score
+    assert ids != base_hyp[2], "training the adapter did not change the decoding"
