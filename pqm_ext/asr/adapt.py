@@ -3,8 +3,9 @@
 For each speaker the first N utterances of ``data/sa_splits/<spk>.adapt`` are the adaptation
 set. ``scratch`` trains a fresh adapter; ``pretrained`` (PQM) starts from the multi-speaker
 pretrained LoRA; ``semi`` is PQM trained on pseudo-labels (a teacher's decoding, any ``text``
-file) instead of the references — the paper's semi-supervised variant. The adaptation set also
-serves as ESPnet's validation set (its loss is logged; training runs a fixed number of epochs).
+file) instead of the references — the paper's semi-supervised variant. Training runs a fixed
+number of epochs; ESPnet's validation set (it requires one) is the first two adaptation
+utterances, whose loss is only logged — no test data is ever seen.
 
 Every (speaker, N, init) is a unit of work: skipped when its adapter exists, and a failure is
 recorded while the other units go on.
@@ -24,6 +25,7 @@ from pqm_ext.utils.fileio import atomic_dir
 
 logger = logging.getLogger(__name__)
 INITS = ("scratch", "pretrained", "semi")
+VALID_UTTS = 2
 
 
 def read_split(path: Path) -> List[str]:
@@ -70,14 +72,15 @@ def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, 
                 if init == "semi" and labels is None:
                     raise ValueError("init 'semi' needs pseudo-labels (--pseudo_text)")
                 subset = adaptation_set(data, order[:n], labels if init == "semi" else None, pseudo_text)
-                data_dir = out / "data"
-                if not (data_dir / "utt2num_samples").is_file():
-                    with atomic_dir(data_dir, overwrite=True) as tmp:
-                        subset.write(tmp)
+                data_dir, valid_dir = out / "data", out / "data_valid"
+                for path, part in ((data_dir, subset), (valid_dir, subset.subset(order[:VALID_UTTS]))):
+                    if not (path / "utt2num_samples").is_file():
+                        with atomic_dir(path, overwrite=True) as tmp:
+                            part.write(tmp)
                 init_adapter = str(layout.pretrain / ADAPTER) if init in ("pretrained", "semi") else None
                 info = {"speaker": spk, "n_utts": n, "init": init,
                         "labels": str(pseudo_text) if init == "semi" else "reference"}
-                train_adapter(layout.quantized(), configs[init], data_dir, data_dir, out, init_adapter=init_adapter,
+                train_adapter(layout.quantized(), configs[init], data_dir, valid_dir, out, init_adapter=init_adapter,
                               ngpu=ngpu, seed=seed, info=info)
                 if not keep_checkpoints:
                     for ckpt in (out / "train").glob("*.pth"):
