@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -264,3 +265,25 @@ def speech(synth):
     assert rate == 16000
     return wav, SENTENCES[0]
 
+
+# ---- a live Slurm (tests marked slurm: test_launch_slurm.py, test_recipe.py) ----
+
+@pytest.fixture(scope="session")
+def slurm():
+    """SLURM_CONF of a running single-node Slurm; started (and stopped afterwards) unless it already ran."""
+    if os.environ.get("PQM_TEST_SLURM") != "1":
+        pytest.skip("needs a live Slurm: set PQM_TEST_SLURM=1 (runs tools/local_slurm.sh start; root, apt)")
+    script = str(Path(__file__).resolve().parents[1] / "tools/local_slurm.sh")
+    was_running = subprocess.run([script, "status"], capture_output=True).returncode == 0
+    res = subprocess.run([script, "start"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    conf = re.search(r"export SLURM_CONF=(\S+)", res.stdout)[1]
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if old is None:
+        os.environ.pop("SLURM_CONF")
+    else:
+        os.environ["SLURM_CONF"] = old
+    if not was_running:
+        subprocess.run([script, "stop"], capture_output=True, timeout=60)

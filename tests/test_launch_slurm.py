@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -61,27 +60,6 @@ def test_option_without_rule_exits_2(tmp_path):
 
 
 # ---- a live Slurm ----
-
-@pytest.fixture(scope="session")
-def slurm():
-    """SLURM_CONF of a running single-node Slurm; started (and stopped afterwards) unless it already ran."""
-    if os.environ.get("PQM_TEST_SLURM") != "1":
-        pytest.skip("needs a live Slurm: set PQM_TEST_SLURM=1 (runs tools/local_slurm.sh start; root, apt)")
-    script = str(REPO / "tools/local_slurm.sh")
-    was_running = subprocess.run([script, "status"], capture_output=True).returncode == 0
-    res = subprocess.run([script, "start"], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    conf = re.search(r"export SLURM_CONF=(\S+)", res.stdout)[1]
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf
-    yield conf
-    if old is None:
-        os.environ.pop("SLURM_CONF")
-    else:
-        os.environ["SLURM_CONF"] = old
-    if not was_running:
-        subprocess.run([script, "stop"], capture_output=True, timeout=60)
-
 
 def launch(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     res = subprocess.run([str(REPO / "utils/slurm.sh"), "--config", str(TEMPLATE_CONF), *args], cwd=cwd,

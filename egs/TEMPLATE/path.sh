@@ -1,5 +1,5 @@
 # Sourced by run.sh and by every job: the toolkit's Python environment (tools/install.sh made it).
-MAIN_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+MAIN_ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)  # through the recipe's symlink
 if [ ! -x "$MAIN_ROOT/tools/venv/bin/python" ]; then
   echo "path.sh: $MAIN_ROOT/tools/venv is missing: run tools/install.sh first" >&2
   return 1 2>/dev/null || exit 1

@@ -32,11 +32,13 @@ nutts="5 10 20"            # adaptation utterances per speaker (first N of data/
 inits="scratch pretrained" # scratch | pretrained (PQM) | semi (PQM on pseudo-labels)
 pseudo_labels=false        # add the semi-supervised variant: the fp model decodes the adaptation data
 decode_config=             # default: conf/<model>/decode.yaml
+lora_args=                 # extra ESPnet trainer options for stages 6-7 (e.g. "--max_epoch 1")
+asr_args=                  # extra ESPnet trainer options for the Conformer base (stage 4)
 
 help_message="Usage: $0 [options]  (see the comments at the top of egs/TEMPLATE/pqm.sh)"
 options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts
          model_config whisper_checkpoint pretrained_model base_train_config nbpe quant baselines nutts inits
-         pseudo_labels decode_config"
+         pseudo_labels decode_config lora_args asr_args"
 . utils/parse_options.sh
 [ $# -eq 0 ] || { log "unexpected argument: $1"; exit 1; }
 . ./path.sh
@@ -101,7 +103,8 @@ if run 4; then
   else
     python -m pqm_ext.bin.train_base --config "$model_config" ${base_train_config:+--train_config "$base_train_config"} \
       --token_list "$token_list" --bpemodel "$(dirname "$token_list")/bpe.model" --train_data $dump/pretrain \
-      --valid_data $dump/dev --pretrained_model "$pretrained_model" --ngpu "$ngpu" --seed "$seed" --out $exp/base
+      --valid_data $dump/dev --pretrained_model "$pretrained_model" --ngpu "$ngpu" --seed "$seed" --out $exp/base \
+      --train_args "$asr_args"
   fi
 fi
 
@@ -120,7 +123,8 @@ if run 6; then
     ${cuda_cmd} --gpu "$ngpu" $exp/lora_pretrain/train.log \
       python -m pqm_ext.bin.train_adapter --model_dir $exp/$quant \
         --train_config conf/lora_trainer.yaml conf/$model/lora_pretrain.yaml \
-        --train_data $dump/pretrain --valid_data $dump/dev --out $exp/lora_pretrain --ngpu "$ngpu" --seed "$seed"
+        --train_data $dump/pretrain --valid_data $dump/dev --out $exp/lora_pretrain --ngpu "$ngpu" --seed "$seed" \
+        --train_args "$lora_args"
   fi
 fi
 
@@ -143,7 +147,7 @@ if run 7; then
     python -m pqm_ext.bin.adapt_speakers --exp_dir $exp --quant $quant --data $dump/sa_adapt --splits data/sa_splits \
       --speakers @$exp/adapt/split/spk.JOB --nutts $nutts --inits $inits $pseudo_opt --ngpu "$ngpu" --seed "$seed" \
       --config scratch=conf/lora_trainer.yaml,conf/$model/adapt_scratch.yaml \
-      --config pretrained=conf/lora_trainer.yaml,conf/$model/adapt_pretrained.yaml
+      --config pretrained=conf/lora_trainer.yaml,conf/$model/adapt_pretrained.yaml --train_args "$lora_args"
 fi
 
 if run 8; then

@@ -55,7 +55,8 @@ def adaptation_set(data: DataDir, utts: Sequence[str], labels: Optional[Dict[str
 
 def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, nutts: Sequence[int],
                   inits: Sequence[str], configs: Dict[str, List[str]], pseudo_text: Optional[Path] = None,
-                  ngpu: int = 0, seed: int = 0, keep_checkpoints: bool = False) -> List[str]:
+                  ngpu: int = 0, seed: int = 0, keep_checkpoints: bool = False,
+                  train_args: Sequence[str] = ()) -> List[str]:
     """Train every (N, init) adapter of ``spk``; return failures as human-readable lines."""
     order = read_split(Path(splits_dir) / f"{spk}.adapt")
     labels = read_labels(Path(pseudo_text)) if pseudo_text and "semi" in inits else None
@@ -81,7 +82,7 @@ def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, 
                 info = {"speaker": spk, "n_utts": n, "init": init,
                         "labels": str(pseudo_text) if init == "semi" else "reference"}
                 train_adapter(layout.quantized(), configs[init], data_dir, valid_dir, out, init_adapter=init_adapter,
-                              ngpu=ngpu, seed=seed, info=info)
+                              ngpu=ngpu, seed=seed, info=info, extra_args=list(train_args))
                 if not keep_checkpoints:
                     for ckpt in (out / "train").glob("*.pth"):
                         ckpt.unlink()

@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from tqdm import tqdm
 
@@ -28,9 +28,17 @@ def hyp_file(decode_dir: Path, spk: str) -> Path:
 
 
 def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[str], decode_root: Path,
-                   decode_conf: Dict, device: str = "cpu") -> List[str]:
-    """Decode ``speakers`` with each system; return the failures as ``system/speaker: reason``."""
+                   decode_conf: Dict, device: str = "cpu", mixed_batch: int = 0) -> List[str]:
+    """Decode ``speakers`` with each system; return the failures as ``system/speaker: reason``.
+
+    ``mixed_batch`` > 0: greedy decoding in batches of that many utterances, taken from different
+    speakers in turn, each with its own speaker's adapter (``pqm_ext.asr.batch_decode``); the
+    hypotheses are those of one-at-a-time greedy decoding. The decoding config must be greedy.
+    """
     from pqm_ext.asr.recognizer import Recognizer
+
+    if mixed_batch > 0:
+        return _decode_systems_mixed(systems, data, speakers, decode_root, decode_conf, device, mixed_batch)
 
     spk2utt = data.spk2utt()
     failures = []
@@ -60,4 +68,65 @@ def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[
                  "adapter": str(system.adapter_for(spk) or ""), "decode_conf": decode_conf}))
             write_text_atomic(out, "".join(f"{u} {h}\n" for u, h in sorted(hyps.items())))
             logger.info("%s %s: %d utts, RTF %.3f", system.name, spk, len(hyps), elapsed / max(audio_s, 1e-9))
+    return failures
+
+
+def _interleave(spk2utt: Dict[str, List[str]], speakers: Sequence[str]) -> List[str]:
+    """Utterances taken from the speakers in turn, so consecutive utterances are different speakers'."""
+    queues = [list(spk2utt[s]) for s in speakers]
+    out = []
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
+def _decode_systems_mixed(systems: Sequence[System], data: DataDir, speakers: Sequence[str], decode_root: Path,
+                          decode_conf: Dict, device: str, batch_size: int) -> List[str]:
+    from pqm_ext.asr.batch_decode import batch_decode, check_greedy
+    from pqm_ext.asr.recognizer import Recognizer
+    from pqm_ext.lora.mixed import load_adapters
+
+    spk2utt = data.spk2utt()
+    failures = []
+    for system in systems:
+        todo = [s for s in speakers if not hyp_file(decode_root / system.name, s).is_file()]
+        missing = [s for s in todo if system.adapter and not (system.adapter_for(s) / "adapter_model.safetensors").is_file()]
+        failures += [f"{system.name}/{s}: adapter {system.adapter_for(s)} not found" for s in missing]
+        todo = [s for s in todo if s not in missing]
+        if not todo:
+            continue
+        rec = Recognizer(system.model_dir, decode_conf, device=device)
+        check_greedy(rec.s2t)
+        mixed = None
+        if system.adapter:
+            # one adapter per speaker, or one shared by all (lora_pretrained): loaded once each
+            dirs = sorted({str(system.adapter_for(s)) for s in todo})
+            mixed = load_adapters(rec.model, {f"a{i}": d for i, d in enumerate(dirs)})
+            name_of = {d: f"a{i}" for i, d in enumerate(dirs)}
+        utts = _interleave(spk2utt, todo)
+        utt2spk = data.utt2spk
+        speech, audio = [], {}
+        for utt in utts:
+            wav, rate = read_audio(data.wav_scp[utt])
+            speech.append(wav)
+            audio[utt] = len(wav) / rate
+        names = [name_of[str(system.adapter_for(utt2spk[u]))] for u in utts] if mixed else None
+        t0 = time.perf_counter()
+        texts = batch_decode(rec, speech, adapter_names=names, mixed=mixed, batch_size=batch_size)
+        elapsed = time.perf_counter() - t0
+        total_audio = sum(audio.values())
+        hyps = dict(zip(utts, (t.strip() for t in texts)))
+        for spk in todo:
+            mine = spk2utt[spk]
+            audio_s = sum(audio[u] for u in mine)
+            out = hyp_file(decode_root / system.name, spk)
+            write_text_atomic(out.with_suffix(".json"), json.dumps(
+                {"utts": len(mine), "audio_s": audio_s, "decode_s": elapsed * audio_s / max(total_audio, 1e-9),
+                 "device": device, "adapter": str(system.adapter_for(spk) or ""), "decode_conf": decode_conf,
+                 "mixed_batch": batch_size, "batch_decode_s": elapsed, "batch_audio_s": total_audio}))
+            write_text_atomic(out, "".join(f"{u} {hyps[u]}\n" for u in sorted(mine)))
+        logger.info("%s: %d speakers, %d utts in mixed batches of %d, RTF %.3f", system.name, len(todo), len(utts),
+                    batch_size, elapsed / max(total_audio, 1e-9))
     return failures

@@ -23,12 +23,21 @@ logger = logging.getLogger(__name__)
 
 
 class Recognizer:
+    """Decode with ESPnet's beam search.
+
+    ``decode_conf`` holds Speech2Text's options plus, optionally, ``max_tokens_per_second``: a
+    length guard against Whisper's repetition loops relative to the *unpadded* audio (ESPnet's
+    ``maxlenratio`` counts encoder frames, which include the padding Whisper's encoder adds).
+    """
+
     def __init__(self, model_dir, decode_conf: Dict, device: str = "cpu",
                  adapter: Optional[AdapterConfig] = None, reuse_dequantized: bool = True):
         from espnet2.bin.asr_inference import Speech2Text
 
         register_espnet_classes()
         model_dir = Path(model_dir)
+        decode_conf = dict(decode_conf)
+        self.max_tokens_per_second = decode_conf.pop("max_tokens_per_second", None)
         self.s2t = Speech2Text(asr_train_config=str(model_dir / "config.yaml"), asr_model_file=None,
                                device="cpu", **decode_conf)
         self.model = self.s2t.asr_model
@@ -52,7 +61,16 @@ class Recognizer:
         self.adapter_dir = str(adapter_dir)
         return info
 
+    def _encoder_frames(self, seconds: float) -> float:
+        encoder = self.model.encoder
+        if getattr(encoder, "do_pad_trim", False):
+            return 1500.0
+        return max(seconds, getattr(encoder, "pad_to_seconds", 0.0)) * 50  # Whisper: 50 frames/s
+
     @torch.no_grad()
-    def __call__(self, speech: np.ndarray) -> str:
+    def __call__(self, speech: np.ndarray, sample_rate: int = 16000) -> str:
+        if self.max_tokens_per_second:
+            seconds = len(speech) / sample_rate
+            self.s2t.maxlenratio = self.max_tokens_per_second * seconds / self._encoder_frames(seconds)
         results = self.s2t(speech)
         return results[0][0] if results else ""

@@ -100,8 +100,8 @@ def render_markdown(r: Dict) -> str:
              f"Target speakers: {len(r['speakers'])}, test utterances: {r['test_utts']}. "
              f"WER pooled over all test words (errors / reference words), 95% bootstrap interval over utterances. "
              f"Decoding: {json.dumps(r['decode'])}. Normalisation: lower case, punctuation removed (pqm_ext.asr.score).",
-             "", "| system | N adapt utts | WER % | 95% CI | rel. WER reduction vs FP % | base size MB |",
-             "|---|---|---|---|---|---|"]
+             "", "| system | N adapt utts | WER % | 95% CI | sub/del/ins | rel. WER reduction vs FP % | base size MB |",
+             "|---|---|---|---|---|---|---|"]
     sizes = r.get("bytes", {})
     rel = r.get("relative_wer_reduction_vs_fp", {})
     for name, entry in r["systems"].items():
@@ -111,7 +111,8 @@ def render_markdown(r: Dict) -> str:
             rr = rr.get(n) if isinstance(rr, dict) else rr
             size = sizes.get("fp32" if name == "fp" else (name if name in sizes else r.get("quant")))
             lines.append(f"| {name} | {n or '-'} | {_pct(e['wer'])} | {_pct(e['ci95'][0])}-{_pct(e['ci95'][1])} | "
-                         f"{'' if name == 'fp' else _pct(rr)} | {'' if size is None else f'{size / mb:.1f}'} |")
+                         f"{e['sub']}/{e['del']}/{e['ins']} | {'' if name == 'fp' else _pct(rr)} | "
+                         f"{'' if size is None else f'{size / mb:.1f}'} |")
     lines += ["", f"Base parameters: {r.get('base_params')}; adapter parameters per speaker: "
               f"{json.dumps(r.get('adapter_params_by_system', {}))}"]
     if r.get("base_params") and r.get("adapter_params"):

@@ -2,8 +2,8 @@
 
 The stage's YAML files (shared trainer options, then optimiser, epochs, batch, ``lora_conf``) are
 merged over the base model's ``config.yaml``; ESPnet's parser rejects unknown keys. ESPnet writes checkpoints into
-``<out>/train`` and resumes from them when re-run; the finished adapter is saved to
-``<out>/adapter`` (atomically), which is what marks the unit of work as done.
+``<out>/train`` and resumes from them when re-run; when training ends its trainer saves the adapter
+to ``<out>/adapter`` (atomically), which is what marks the unit of work as done.
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+import yaml
 
-from pqm_ext.asr.config import merge_configs, read_yaml
+from pqm_ext.asr.config import merge_configs
 from pqm_ext.asr.model_io import MODEL_FILE
-from pqm_ext.lora import AdapterConfig, save_adapter
 from pqm_ext.utils.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -48,19 +48,20 @@ def train_adapter(model_dir, train_config, train_data, valid_data, out_dir, *, i
     if not conf.get("lora_conf"):
         raise InputError(train_configs[-1], "lora_conf is missing: the stage trains a LoRA adapter")
     conf.update(base_model_file=str(model_dir / MODEL_FILE), init_adapter=init_adapter, seed=seed,
-                output_dir=str(out_dir / "train"), ngpu=ngpu, resume=True)
+                output_dir=str(out_dir / "train"), ngpu=ngpu, resume=True, adapter_out=str(adapter_dir),
+                adapter_info=info or {})
     for key in ("config", "required"):  # parser bookkeeping that ESPnet dumps with the options
         conf.pop(key, None)
     train_dir = out_dir / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
     discard_unreadable_checkpoint(train_dir)
     merged = train_dir / "train_input.yaml"
-    import yaml
-
     merged.write_text(yaml.safe_dump(conf, sort_keys=False))
     cmd = ["--config", str(merged)] + data_args("train", train_data) + data_args("valid", valid_data)
-    PQMASRTask.main(cmd=cmd + list(extra_args or []))
-    return export_adapter(train_dir, adapter_dir, info)
+    PQMASRTask.main(cmd=cmd + list(extra_args or []))  # its trainer saves the adapter when done
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise RuntimeError(f"training finished without writing {adapter_dir}")
+    return adapter_dir
 
 
 def discard_unreadable_checkpoint(train_dir: Path) -> None:
@@ -78,25 +79,3 @@ def discard_unreadable_checkpoint(train_dir: Path) -> None:
         logger.warning("%s is unreadable (%s): training this unit again from the start", ckpt, e)
         for p in train_dir.glob("*.pth"):
             p.unlink()
-
-
-def export_adapter(train_dir: Path, adapter_dir: Path, info: Optional[Dict] = None) -> Path:
-    """Rebuild the trained model from ESPnet's outputs and save its adapter in peft's format."""
-    import argparse
-
-    from pqm_ext.tasks.pqm_asr import PQMASRTask
-
-    args = argparse.Namespace(**read_yaml(train_dir / "config.yaml"))
-    args.init_adapter = None
-    model = PQMASRTask.build_model(args)
-    final = train_dir / "latest.pth"
-    if not final.exists():
-        raise InputError(final, "training finished without a final checkpoint")
-    state = torch.load(final, map_location="cpu", weights_only=True)
-    lora = {k: v for k, v in state.items() if "lora_" in k}
-    result = model.load_state_dict(lora, strict=False)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or not lora:
-        raise InputError(final, f"checkpoint lacks LoRA weights: {missing[:3]}")
-    meta = dict(info or {}, epochs=args.max_epoch, train_dir=str(train_dir))
-    return save_adapter(model, adapter_dir, AdapterConfig.from_dict(args.lora_conf), info=meta)

@@ -12,6 +12,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import shlex
 import logging
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from pqm_ext.asr.adapt import INITS, adapt_speaker
 from pqm_ext.asr.layout import ExpLayout
 from pqm_ext.data.kaldi_dir import read_data_dir
 from pqm_ext.utils.errors import InputError
-from pqm_ext.utils.log import setup_logging
+from pqm_ext.utils.cli import entry_point
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngpu", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep_checkpoints", action="store_true")
+    p.add_argument("--train_args", default="", help="extra ESPnet trainer options, e.g. '--max_epoch 1'")
     return p
 
 
@@ -51,8 +53,8 @@ def speakers_of(values):
     return out
 
 
+@entry_point
 def main(argv=None) -> None:
-    setup_logging()
     a = get_parser().parse_args(argv)
     configs = dict(c.split("=", 1) for c in a.config)
     configs.setdefault("semi", configs.get("pretrained"))  # PQM on pseudo-labels trains like PQM
@@ -69,7 +71,7 @@ def main(argv=None) -> None:
     for spk in speakers:
         failures += adapt_speaker(layout, spk, data, Path(a.splits), a.nutts, a.inits,
                                   {k: v.split(",") for k, v in configs.items()}, a.pseudo_text, a.ngpu, a.seed,
-                                  a.keep_checkpoints)
+                                  a.keep_checkpoints, shlex.split(a.train_args))
     if failures:
         logging.error("failed units:\n  %s", "\n  ".join(failures))
         sys.exit(1)

@@ -7,6 +7,8 @@ pqm_semi_n<N>). Beam search is ESPnet's (conf/decode.yaml). Output: exp/<model>/
 Usage:
     python -m pqm_ext.bin.decode --exp_dir exp/whisper --data dump/raw/sa_test --speakers @spk.1 \
         --nutts 5 10 20 --inits scratch pretrained --decode_config conf/decode.yaml
+    # greedy, 32 utterances of different speakers per batch, each with its own adapter:
+    python -m pqm_ext.bin.decode ... --decode_config conf/decode.yaml --mixed_batch 32
 """
 from __future__ import annotations
 
@@ -15,13 +17,14 @@ import logging
 import sys
 from pathlib import Path
 
+from pqm_ext.asr.batch_decode import NotGreedyError
 from pqm_ext.asr.config import read_yaml
 from pqm_ext.asr.decode import decode_systems
 from pqm_ext.asr.layout import ExpLayout
 from pqm_ext.bin.adapt_speakers import speakers_of
 from pqm_ext.data.kaldi_dir import read_data_dir
 from pqm_ext.utils.errors import InputError
-from pqm_ext.utils.log import setup_logging
+from pqm_ext.utils.cli import entry_point
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -38,11 +41,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode_config", required=True)
     p.add_argument("--out_dir", default=None, help="default: <exp_dir>/decode (e.g. pseudo-labels elsewhere)")
     p.add_argument("--ngpu", type=int, default=0)
+    p.add_argument("--mixed_batch", type=int, default=0,
+                   help="greedy decoding in batches of this many utterances from different speakers, each with "
+                        "its own adapter (needs a greedy decode config: beam_size 1, ctc_weight 0); 0: one at a time")
     return p
 
 
+@entry_point
 def main(argv=None) -> None:
-    setup_logging()
     a = get_parser().parse_args(argv)
     layout = ExpLayout(Path(a.exp_dir), quant=a.quant)
     systems = layout.systems(a.nutts, a.inits, a.baselines, with_pretrained=not a.no_pretrained)
@@ -55,8 +61,11 @@ def main(argv=None) -> None:
         raise InputError(Path(a.data) / "utt2spk", f"unknown speaker(s) {unknown}")
     conf = read_yaml(a.decode_config)
     out_dir = Path(a.out_dir) if a.out_dir else layout.root / "decode"
-    failures = decode_systems(systems, data, speakers, out_dir, conf,
-                              device="cuda" if a.ngpu > 0 else "cpu")
+    try:
+        failures = decode_systems(systems, data, speakers, out_dir, conf,
+                                  device="cuda" if a.ngpu > 0 else "cpu", mixed_batch=a.mixed_batch)
+    except NotGreedyError as e:
+        raise InputError(Path(a.decode_config), f"--mixed_batch: {e}") from e
     if failures:
         logging.error("not decoded:\n  %s", "\n  ".join(failures))
         sys.exit(1)

@@ -16,7 +16,7 @@ from pqm_ext.asr.layout import ExpLayout
 from pqm_ext.asr.results import collect, plot_wer_vs_n, render_markdown
 from pqm_ext.data.kaldi_dir import read_data_dir
 from pqm_ext.utils.fileio import atomic_file, write_text_atomic
-from pqm_ext.utils.log import setup_logging
+from pqm_ext.utils.cli import entry_point
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -33,8 +33,8 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> None:
-    setup_logging()
     a = get_parser().parse_args(argv)
     layout = ExpLayout(Path(a.exp_dir), quant=a.quant)
     systems = layout.systems(a.nutts, a.inits, a.baselines)

@@ -22,7 +22,7 @@ from pqm_ext.models.ct2_whisper import bundled_tiny_en_dir, ct2_to_whisper_check
 from pqm_ext.models.whisper import load_whisper_checkpoint, read_whisper_checkpoint
 from pqm_ext.quant import size_report, write_size_report
 from pqm_ext.utils.fileio import atomic_dir
-from pqm_ext.utils.log import setup_logging
+from pqm_ext.utils.cli import entry_point
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -54,8 +54,8 @@ def prepare_whisper_base(config: str, token_list: str, out: str, checkpoint: str
     return out
 
 
+@entry_point
 def main(argv=None) -> None:
-    setup_logging()
     a = get_parser().parse_args(argv)
     prepare_whisper_base(a.config, a.token_list, a.out, a.checkpoint)
 

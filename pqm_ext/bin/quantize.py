@@ -19,7 +19,7 @@ from pqm_ext.asr.config import read_yaml
 from pqm_ext.asr.model_io import MODEL_FILE, load_base
 from pqm_ext.quant import QuantConfig, save_quantized, size_report, write_size_report
 from pqm_ext.utils.fileio import atomic_dir
-from pqm_ext.utils.log import setup_logging
+from pqm_ext.utils.cli import entry_point
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -54,8 +54,8 @@ def quantize_dir(model_dir, quant_config, out) -> Path:
     return out
 
 
+@entry_point
 def main(argv=None) -> None:
-    setup_logging()
     a = get_parser().parse_args(argv)
     quantize_dir(a.model_dir, a.quant_config, a.out)
 

@@ -10,9 +10,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from pqm_ext.asr.train import train_adapter
-from pqm_ext.utils.log import setup_logging
+from pqm_ext.utils.cli import entry_point
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -26,14 +27,16 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--init_adapter", default=None, help="start from this adapter directory")
     p.add_argument("--ngpu", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train_args", default="", help="extra ESPnet trainer options, e.g. '--max_epoch 1'")
     return p
 
 
+@entry_point
 def main(argv=None) -> None:
-    setup_logging()
     a = get_parser().parse_args(argv)
     train_adapter(a.model_dir, a.train_config, a.train_data, a.valid_data, a.out, init_adapter=a.init_adapter,
-                  ngpu=a.ngpu, seed=a.seed, info={"stage": "lora_pretrain", "train_data": a.train_data})
+                  ngpu=a.ngpu, seed=a.seed, info={"stage": "lora_pretrain", "train_data": a.train_data},
+                  extra_args=shlex.split(a.train_args))
 
 
 if __name__ == "__main__":

@@ -101,9 +101,6 @@ def format_data_dir(src: Union[str, Path], dst: Union[str, Path], nj: int = 1, s
     data = validate_data_dir(src, check_audio=check_audio, sample_rate=sample_rate, allow_resample=True)
     final = dst.absolute()
     with atomic_dir(dst, overwrite=True) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; DST is an ordinary directory
         wav_dir = tmp / "data"
         wav_dir.mkdir()
         jobs = _jobs(data, wav_dir, sample_rate)

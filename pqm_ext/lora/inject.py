@@ -13,6 +13,7 @@ from typing import List
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
 from pqm_ext.lora.config import AdapterConfig
@@ -25,8 +26,10 @@ LORA_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedd
 
 
 def target_layers(model: torch.nn.Module, cfg: AdapterConfig) -> List[str]:
+    # A layer already wrapped by peft (an earlier adapter) is a target again: peft adds the new
+    # adapter beside the others (one per speaker, see pqm_ext.lora.mixed).
     names = [n for n, m in model.named_modules()
-             if isinstance(m, LORA_TYPES) and "lora_" not in n and ".base_layer" not in n
+             if isinstance(m, LORA_TYPES + (LoraLayer,)) and "lora_" not in n and ".base_layer" not in n
              and any_match(n, cfg.target_modules)]
     if not names:
         raise ValueError(f"LoRA target_modules {cfg.target_modules} matched no layer of the model")

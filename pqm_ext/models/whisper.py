@@ -68,7 +68,13 @@ class PQMWhisperEncoder(OpenAIWhisperEncoder):
 
 
 class PQMWhisperDecoder(OpenAIWhisperDecoder):
-    """Whisper's text decoder; its output projection is tied to the token embedding."""
+    """Whisper's text decoder; its output projection is tied to the token embedding.
+
+    ``incremental`` (default True) selects the incremental ``batch_score`` below; False gives
+    ESPnet's full recomputation of every prefix (the reference "plain path" for tests and benches).
+    """
+
+    incremental: bool = True
 
     @typechecked
     def __init__(self, vocab_size: int, encoder_output_size: int, dims: Optional[Dict] = None,
@@ -123,7 +129,7 @@ class PQMWhisperDecoder(OpenAIWhisperDecoder):
         beam search reorders the states with the hypotheses (``select_state``). Training and
         gradient-enabled calls use ESPnet's path unchanged.
         """
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or not self.incremental:
             return super().batch_score(ys, states, xs)
         cache = None
         if states[0] is not None:
@@ -132,12 +138,15 @@ class PQMWhisperDecoder(OpenAIWhisperDecoder):
         logp, new_cache = self._step(ys, xs, cache)
         return logp, [[(k[b], v[b]) for k, v in new_cache] for b in range(ys.size(0))]
 
-    def _step(self, ys: torch.Tensor, memory: torch.Tensor, cache):
+    def _step(self, ys: torch.Tensor, memory: torch.Tensor, cache, cross: Optional[Dict] = None):
+        """One incremental step; ``cross`` (module -> keys/values, one row per ``ys`` row) may be given
+        by a caller that manages it itself (batched decoding drops finished rows)."""
         offset = 0 if cache is None else cache[0][0].size(1)
         tokens = ys[:, offset:]
         x = self.decoders.token_embedding(tokens) + self.decoders.positional_embedding[offset: ys.size(1)]
         x = x.to(memory.dtype)
-        cross = self._cross_attention_cache(memory)
+        if cross is None:
+            cross = self._cross_attention_cache(memory)
         mask = self.decoders.mask if offset == 0 else None  # one new token attends to every key
         new_cache = []
         for i, block in enumerate(self.decoders.blocks):

@@ -18,6 +18,7 @@ class DequantCacheMixin:
     """For modules with a frozen quantised weight and ``dequantize_weight()``."""
 
     dequant_cache_enabled: bool = False
+    dequant_cache_dtype: Optional[torch.dtype] = None  # e.g. float16 on a GPU: the compute dtype
     _dequant_cache: Optional[torch.Tensor] = None
 
     def cached_weight(self) -> torch.Tensor:
@@ -25,24 +26,34 @@ class DequantCacheMixin:
             return self.dequantize_weight()
         if self._dequant_cache is None:
             with torch.no_grad():
-                self._dequant_cache = self.dequantize_weight()
+                w = self.dequantize_weight()
+                self._dequant_cache = w if self.dequant_cache_dtype is None else w.to(self.dequant_cache_dtype)
         return self._dequant_cache
 
     def drop_dequant_cache(self) -> None:
         self._dequant_cache = None
 
 
-def set_dequant_cache(model: torch.nn.Module, enabled: bool) -> None:
+def set_dequant_cache(model: torch.nn.Module, enabled: bool, dtype: Optional[torch.dtype] = None) -> None:
+    """Turn caching on/off (dropping current copies); ``dtype``: keep the copies in this dtype."""
     for m in model.modules():
         if isinstance(m, DequantCacheMixin):
             m.dequant_cache_enabled = enabled
+            m.dequant_cache_dtype = dtype
             m.drop_dequant_cache()
 
 
+def dequant_cache_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by dequantised copies right now."""
+    return sum(m._dequant_cache.numel() * m._dequant_cache.element_size() for m in model.modules()
+               if isinstance(m, DequantCacheMixin) and m._dequant_cache is not None)
+
+
 @contextlib.contextmanager
-def dequant_cache(model: torch.nn.Module, enabled: bool = True) -> Iterator[torch.nn.Module]:
+def dequant_cache(model: torch.nn.Module, enabled: bool = True,
+                  dtype: Optional[torch.dtype] = None) -> Iterator[torch.nn.Module]:
     """Cache dequantised weights inside the block (e.g. one decoding job), free them after."""
-    set_dequant_cache(model, enabled)
+    set_dequant_cache(model, enabled, dtype)
     try:
         yield model
     finally:

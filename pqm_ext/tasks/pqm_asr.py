@@ -8,8 +8,8 @@ a saved adapter, e.g. the multi-speaker pretrained one). Training, checkpointing
 ``Speech2Text`` decoding stay ESPnet's.
 
 For Whisper targets (``token_type: whisper_en``), the preprocessor writes the transcript as Whisper
-does (leading space, sentence case) and prefixes ``<|notimestamps|>``, so training matches the
-``<|startoftranscript|><|notimestamps|>`` prompt ESPnet decodes with.
+does (leading space, sentence case); ESPnet's Whisper token converter prefixes ``<|notimestamps|>``,
+so training matches the ``<|startoftranscript|><|notimestamps|>`` prompt ESPnet decodes with.
 
 Usage:
     python -m pqm_ext.bin.train --config conf/train.yaml --base_model_file exp/nf4/model.safetensors ...
@@ -23,10 +23,11 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from espnet2.tasks.asr import ASRTask
+from espnet2.train.trainer import Trainer
 from espnet2.utils.nested_dict_action import NestedDictAction
 from espnet2.utils.types import str_or_none
 from pqm_ext.asr.model_io import load_base
-from pqm_ext.lora import AdapterConfig, add_adapter, load_adapter
+from pqm_ext.lora import AdapterConfig, add_adapter, load_adapter, save_adapter
 from pqm_ext.models.whisper import register_espnet_classes
 from pqm_ext.quant import QuantConfig, quantize_model
 
@@ -40,21 +41,36 @@ def whisper_text(text: str) -> str:
 
 
 class _WhisperTargets:
-    """Wrap a preprocessor: Whisper-style casing in, ``<|notimestamps|>`` prefixed out."""
+    """Wrap a preprocessor: transcripts reach Whisper's tokenizer cased and spaced as Whisper writes."""
 
-    def __init__(self, inner: Callable, no_timestamps: int):
-        self.inner, self.no_timestamps = inner, no_timestamps
+    def __init__(self, inner: Callable):
+        self.inner = inner
 
     def __call__(self, uid: str, data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if "text" in data and isinstance(data["text"], str):
             data = dict(data, text=whisper_text(data["text"]))
-        out = self.inner(uid, data)
-        if "text" in out:
-            out["text"] = np.concatenate([[self.no_timestamps], out["text"]]).astype(out["text"].dtype)
-        return out
+        return self.inner(uid, data)
+
+
+class AdapterExportTrainer(Trainer):
+    """ESPnet's trainer; when training ends, the trained adapter is saved in peft's format.
+
+    The model in memory is then the last epoch's (or, for a finished run that is resumed, the
+    checkpoint's), so exporting here avoids rebuilding it from ``latest.pth``.
+    """
+
+    @classmethod
+    def run(cls, model, *args, **kwargs) -> None:
+        super().run(model, *args, **kwargs)
+        export = getattr(model, "pqm_adapter_export", None)
+        if export and export.get("out"):
+            info = dict(export.get("info") or {}, epochs=kwargs["trainer_options"].max_epoch)
+            save_adapter(model, export["out"], model.pqm_adapter_config, info=info)
+            logger.info("saved adapter to %s", export["out"])
 
 
 class PQMASRTask(ASRTask):
+    trainer = AdapterExportTrainer
     @classmethod
     def get_parser(cls) -> argparse.ArgumentParser:
         register_espnet_classes()
@@ -73,6 +89,10 @@ class PQMASRTask(ASRTask):
                            help="LoRA adapter (see pqm_ext.lora.AdapterConfig); none: no adapter")
         group.add_argument("--init_adapter", type=str_or_none, default=None,
                            help="Initialise the LoRA adapter from this adapter directory")
+        group.add_argument("--adapter_out", type=str_or_none, default=None,
+                           help="Save the trained adapter here (peft format) when training ends")
+        group.add_argument("--adapter_info", action=NestedDictAction, default=None,
+                           help="Facts recorded in the saved adapter's metadata (speaker, N, init, ...)")
 
     @classmethod
     def build_model(cls, args: argparse.Namespace):
@@ -86,7 +106,10 @@ class PQMASRTask(ASRTask):
             quantize_model(model, quant)
         lora = getattr(args, "lora_conf", None)
         if lora:
-            add_adapter(model, AdapterConfig.from_dict(lora))
+            model.pqm_adapter_config = AdapterConfig.from_dict(lora)
+            model.pqm_adapter_export = {"out": getattr(args, "adapter_out", None),
+                                        "info": getattr(args, "adapter_info", None)}
+            add_adapter(model, model.pqm_adapter_config)
             if getattr(args, "init_adapter", None):
                 load_adapter(model, args.init_adapter)
                 logger.info("initialised LoRA from %s", args.init_adapter)
@@ -96,8 +119,5 @@ class PQMASRTask(ASRTask):
     def build_preprocess_fn(cls, args: argparse.Namespace, train: bool) -> Optional[Callable]:
         fn = super().build_preprocess_fn(args, train)
         if fn is not None and str(getattr(args, "token_type", "")).startswith("whisper"):
-            from whisper.tokenizer import get_tokenizer
-
-            tokenizer = get_tokenizer(multilingual=args.token_type != "whisper_en")
-            fn = _WhisperTargets(fn, tokenizer.no_timestamps)
+            fn = _WhisperTargets(fn)
         return fn

@@ -12,7 +12,21 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
+from pqm_ext.utils.errors import InputError
+
 PathLike = Union[str, Path]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, path: Path, mode: int) -> None:
+    """Give the temporary file/dir the permissions a normal one would have, then rename it."""
+    os.chmod(tmp, mode & ~_umask())
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -21,8 +35,7 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=_writable_parent(path)))
     try:
         yield tmp
     except BaseException:
@@ -30,25 +43,35 @@ def atomic_dir(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         raise
     if path.exists():
         shutil.rmtree(path)
-    os.replace(tmp, path)
+    _publish(str(tmp), path, 0o777)
 
 
 @contextlib.contextmanager
 def atomic_file(path: PathLike, mode: str = "w", encoding: str = "utf-8") -> Iterator:
     """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=_writable_parent(path))
     os.close(fd)
     try:
         kwargs = {} if "b" in mode else {"encoding": encoding}
         with open(tmp, mode, **kwargs) as f:
             yield f
-        os.replace(tmp, path)
+        _publish(tmp, path, 0o666)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _writable_parent(path: Path) -> Path:
+    """Create ``path``'s parent; an unwritable location is the user's input error, so say where."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise PermissionError(f"no write permission for {path.parent}")
+    except OSError as e:
+        raise InputError(path, f"cannot write here: {e}") from e
+    return path.parent
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:

@@ -25,19 +25,9 @@ overwrite=false
 sa_subsets=train         # legacy subsets the SA talks come from: train, test or "train test"
 
 options="data_dir corpus num_target_speakers max_adapt min_adapt num_test seed target_speakers check_audio overwrite sa_subsets"
-usage="Usage: $0 [--name value] ...
-Options (default):$(for o in $options; do printf -- '\n  --%s (%s)' "$o" "${!o}"; done)"
-while [ $# -gt 0 ]; do
-  case $1 in
-    -h|--help) echo "$usage"; exit 0 ;;
-    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
-    --*) name=${1#--}; name=${name//-/_}
-         if [[ " $options " != *" $name "* ]]; then log "unknown option $1"; echo "$usage" >&2; exit 1; fi
-         if [ $# -lt 2 ]; then log "option $1 needs a value"; exit 1; fi
-         printf -v "$name" '%s' "$2"; shift 2 ;;
-    *) log "unexpected argument '$1'"; echo "$usage" >&2; exit 1 ;;
-  esac
-done
+help_message="Usage: $0 [--name value] ..."
+. utils/parse_options.sh
+if [ $# -gt 0 ]; then log "unexpected argument '$1'"; exit 1; fi
 
 if [ -f db.sh ]; then . ./db.sh; fi
 if [ -f path.sh ]; then . ./path.sh; fi

@@ -1,0 +1,116 @@
+"""Stage 4 for the Conformer: train the full-precision base with ESPnet, or import a trained one.
+
+Training runs ESPnet's ASR trainer (through PQMASRTask, without quantisation or adapters) on the
+pretraining pool in ``<out>_train`` and resumes from its checkpoint when re-run; the n-best
+averaged model ESPnet writes is then exported to ``<out>`` (config.yaml + model.safetensors +
+size report). ``--pretrained_model DIR`` imports an ESPnet model directory (config.yaml and a
+``*.pth`` state dict, read with ``weights_only=True``) instead of training.
+
+Usage:
+    python -m pqm_ext.bin.train_base --config conf/conformer/model.yaml --train_config conf/conformer/train.yaml \
+        --token_list data/token_list/bpe_unigram300/tokens.txt --bpemodel data/token_list/bpe_unigram300/bpe.model \
+        --train_data dump/raw/pretrain --valid_data dump/raw/dev --out exp/conformer/base
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from pathlib import Path
+
+import torch
+import yaml
+
+from pqm_ext.asr.config import dump_config, merge_configs, read_yaml
+from pqm_ext.asr.model_io import MODEL_FILE, save_fp_model
+from pqm_ext.asr.train import data_args
+from pqm_ext.quant import size_report, write_size_report
+from pqm_ext.utils.errors import InputError
+from pqm_ext.utils.fileio import atomic_dir
+from pqm_ext.utils.cli import entry_point
+
+MODEL_FILES = ("valid.acc.ave.pth", "valid.acc.best.pth", "valid.loss.ave.pth", "latest.pth")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="ESPnet model config")
+    p.add_argument("--train_config", default=None, help="ESPnet trainer options merged over --config")
+    p.add_argument("--token_list", required=True)
+    p.add_argument("--bpemodel", default=None)
+    p.add_argument("--train_data", required=True)
+    p.add_argument("--valid_data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--pretrained_model", default="", help="ESPnet model dir to import instead of training")
+    p.add_argument("--train_args", default="", help="extra ESPnet options, e.g. '--max_epoch 5'")
+    p.add_argument("--ngpu", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def model_file_of(model_dir: Path) -> Path:
+    for name in MODEL_FILES:
+        if (model_dir / name).exists():
+            return model_dir / name
+    found = sorted(model_dir.glob("*.pth"))
+    if not found:
+        raise InputError(model_dir, f"no model file (*.pth) in the model directory (looked for {MODEL_FILES})")
+    return found[-1]
+
+
+def export(train_dir: Path, out: Path) -> Path:
+    """Build the model from ESPnet's config.yaml, load its best weights, write the base directory."""
+    from pqm_ext.tasks.pqm_asr import PQMASRTask
+
+    config = train_dir / "config.yaml"
+    args = argparse.Namespace(**read_yaml(config))
+    args.quant_conf, args.lora_conf, args.base_model_file, args.init_adapter = {"method": "none"}, None, None, None
+    model = PQMASRTask.build_model(args)
+    weights = model_file_of(train_dir)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or pickled-object files
+        raise InputError(weights, f"cannot read the model file: {e}") from e
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise InputError(weights, f"model file does not fit {config}: {e}") from e
+    with atomic_dir(out, overwrite=True) as tmp:
+        save_fp_model(model, tmp / MODEL_FILE, extra={"source": str(weights)})
+        dump_config(args, tmp / "config.yaml")
+        write_size_report(size_report(model, method="fp32", storage_dtype="float32"), tmp)
+    logging.info("wrote %s from %s", out, weights)
+    return out
+
+
+def train(a) -> Path:
+    from pqm_ext.tasks.pqm_asr import PQMASRTask
+
+    train_dir = Path(str(a.out) + "_train")
+    conf = merge_configs([a.config] + ([a.train_config] if a.train_config else []),
+                         {"token_list": a.token_list, "bpemodel": a.bpemodel, "output_dir": str(train_dir),
+                          "ngpu": a.ngpu, "seed": a.seed, "resume": True})
+    train_dir.mkdir(parents=True, exist_ok=True)
+    (train_dir / "train_input.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+    cmd = ["--config", str(train_dir / "train_input.yaml")] + data_args("train", a.train_data) \
+        + data_args("valid", a.valid_data) + shlex.split(a.train_args)
+    PQMASRTask.main(cmd=cmd)
+    return export(train_dir, Path(a.out))
+
+
+@entry_point
+def main(argv=None) -> None:
+    a = get_parser().parse_args(argv)
+    if (Path(a.out) / MODEL_FILE).is_file():
+        logging.info("%s exists: skipping", a.out)
+    elif a.pretrained_model:
+        src = Path(a.pretrained_model)
+        if not (src / "config.yaml").is_file():
+            raise InputError(src / "config.yaml", "not an ESPnet model directory (config.yaml missing)")
+        export(src, Path(a.out))
+    else:
+        train(a)
+
+
+if __name__ == "__main__":
+    main()

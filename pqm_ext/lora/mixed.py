@@ -1,0 +1,242 @@
+"""Many speakers' LoRA adapters on one quantised base, and batches whose rows use different adapters.
+
+A personalised model serves many speakers at once: every speaker's adapter is loaded into the one
+model under its own peft adapter name, and in a batch row ``i`` uses the adapter ``names[i]``
+(``None`` or ``"__base__"``: the base alone). Two implementations give the same sums:
+
+* ``batched`` (default): each LoRA layer's A and B matrices of all loaded adapters are stacked once;
+  a batch gathers its rows' matrices and applies them with two ``bmm`` calls per layer, whatever the
+  number of speakers in the batch.
+* ``peft``: peft's own mixed-adapter forward (``adapter_names`` injected by forward pre-hooks, as
+  peft's ``_enable_peft_forward_hooks`` does); it loops over the distinct adapters of the batch in
+  every layer, so its cost grows with the number of speakers (see docs/PERFORMANCE.md).
+
+``folded`` is the single-speaker fast path: the adapter's product ``B @ A * scale`` is added once to
+a dequantised copy of each base weight (``W_eff = W_deq + B A s``, the same arithmetic as the
+unmerged sum), so a decoding step runs one dense matmul per layer. The NF4 weights are never
+touched (merging into them would re-quantise), and the copy replaces the layer's dequantisation
+cache, so it costs no more memory than the cache.
+
+Peft keys adapters by name inside parameter names and filters state dicts with ``.{name}.``
+substrings, so speaker ids such as ``0`` or ``19`` would collide with layer indices: each speaker
+gets an internal adapter name (``spk_<id>``).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+
+from pqm_ext.lora.config import AdapterConfig
+from pqm_ext.lora.inject import add_adapter
+from pqm_ext.lora.io import adapter_config_of, load_adapter
+from pqm_ext.quant.cache import DequantCacheMixin
+
+IMPLS = ("batched", "peft")
+BASE = "__base__"
+
+
+def lora_layers(model: torch.nn.Module) -> List[Tuple[str, LoraLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def internal_name(name: str) -> str:
+    return "spk_" + re.sub(r"[^A-Za-z0-9_]", "_", str(name))
+
+
+class RowAdapters:
+    """The adapters of the current batch rows (from ``MixedAdapters.rows``); ``select`` keeps a
+    subset of rows (e.g. when finished utterances leave a decoding batch)."""
+
+    def __init__(self, owner: "MixedAdapters", names: Sequence[Optional[str]]):
+        self.owner = owner
+        self.names: List[Optional[str]] = list(names)
+        self._peft_names: List[str] = []
+        self._gathered: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._update()
+
+    def select(self, index: Sequence[int]) -> None:
+        self.names = [self.names[i] for i in index]
+        self._update()
+
+    def _update(self) -> None:
+        o = self.owner
+        self._peft_names[:] = [BASE if n in (None, BASE) else o.internal[n] for n in self.names]
+        if o.impl == "batched":
+            idx = torch.tensor([o.slot(n) for n in self.names], dtype=torch.long)
+            self._gathered = {}
+            for key, (a, b, s) in o.stacks().items():
+                i = idx.to(a.device)
+                # x (rows, T, in) @ A^T (rows, in, r) @ B^T (rows, r, out) * s (rows, 1, 1)
+                self._gathered[key] = (a[i].transpose(1, 2), b[i].transpose(1, 2), s[i].view(-1, 1, 1))
+
+    def _batched_forward(self, layer: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = layer.base_layer(x, *args, **kwargs)
+        at, bt, s = self._gathered[id(layer)]
+        if x.size(0) != at.size(0):
+            raise ValueError(f"a batch of {x.size(0)} rows reached a LoRA layer set up for {at.size(0)} rows "
+                             "(adapter names must be given per row of the batch)")
+        xr = x.reshape(x.size(0), -1, x.size(-1)).to(at.dtype)
+        delta = torch.bmm(torch.bmm(xr, at), bt) * s
+        return result + delta.reshape(result.shape).to(result.dtype)
+
+
+class MixedAdapters:
+    """Speaker adapters loaded side by side into ``model`` (peft adapter per speaker)."""
+
+    def __init__(self, model: torch.nn.Module, impl: str = "batched"):
+        if impl not in IMPLS:
+            raise ValueError(f"mixed-adapter implementation {impl!r} is not one of {IMPLS}")
+        self.model, self.impl = model, impl
+        self.internal: Dict[str, str] = {}
+        self.infos: Dict[str, Dict] = {}
+        self._stacks: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.internal)
+
+    def add(self, name: str, adapter_dir: Union[str, Path, None] = None, cfg: Optional[AdapterConfig] = None,
+            check_base: bool = True) -> Dict:
+        """Add adapter ``name`` (config from ``adapter_dir`` unless given) and load its weights."""
+        if cfg is None:
+            if adapter_dir is None:
+                raise ValueError("give an adapter directory or a config")
+            cfg = adapter_config_of(adapter_dir)
+        key = internal_name(name)
+        if name not in self.internal:
+            if key in self.internal.values():
+                raise ValueError(f"speaker ids {name!r} and another one map to the same adapter name {key!r}")
+            add_adapter(self.model, cfg, key)
+            self.internal[name] = key
+        info = load_adapter(self.model, adapter_dir, key, check_base=check_base) if adapter_dir is not None else {}
+        self.infos[name] = info
+        self._stacks = None
+        return info
+
+    def slot(self, name: Optional[str]) -> int:
+        """Row index into the stacks; the last slot is all zeros (the base alone)."""
+        if name in (None, BASE):
+            return len(self.internal)
+        if name not in self.internal:
+            raise KeyError(f"no adapter loaded for {name!r} (loaded: {self.names[:5]}...)")
+        return list(self.internal).index(name)
+
+    def stacks(self) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per LoRA layer: A (n+1, r, in), B (n+1, out, r), scale (n+1,); ranks padded with zeros."""
+        if self._stacks is None:
+            self._stacks = {}
+            keys = list(self.internal.values())
+            for lname, layer in lora_layers(self.model):
+                if not isinstance(layer.get_base_layer(), torch.nn.Linear):
+                    raise TypeError(f"{lname}: batched mixed adapters support linear layers only (use impl='peft')")
+                present = [k for k in keys if k in layer.lora_A]
+                if len(present) != len(keys):
+                    raise ValueError(f"{lname}: adapters {sorted(set(keys) - set(present))[:3]} do not cover this "
+                                     "layer (all speakers' adapters must target the same layers)")
+                ref = layer.lora_A[keys[0]].weight
+                r = max(layer.lora_A[k].weight.shape[0] for k in keys)
+                a = ref.new_zeros(len(keys) + 1, r, ref.shape[1])
+                b = ref.new_zeros(len(keys) + 1, layer.lora_B[keys[0]].weight.shape[0], r)
+                s = ref.new_zeros(len(keys) + 1)
+                for i, k in enumerate(keys):
+                    ri = layer.lora_A[k].weight.shape[0]
+                    a[i, :ri] = layer.lora_A[k].weight.detach()
+                    b[i, :, :ri] = layer.lora_B[k].weight.detach()
+                    s[i] = layer.scaling[k]
+                self._stacks[id(layer)] = (a, b, s)
+        return self._stacks
+
+    @contextlib.contextmanager
+    def rows(self, names: Sequence[Optional[str]]) -> Iterator[RowAdapters]:
+        """Inside the block, row ``i`` of every batch uses adapter ``names[i]``."""
+        if self.model.training:
+            raise ValueError("mixed adapter batches are for inference: call model.eval() first")
+        state = RowAdapters(self, names)
+        layers = [m for _, m in lora_layers(self.model)]
+        handles = []
+        try:
+            if self.impl == "peft":
+                def hook(_module, args, kwargs):
+                    kwargs["adapter_names"] = state._peft_names
+                    return args, kwargs
+
+                handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+            else:
+                for m in layers:
+                    m.forward = _bound(state._batched_forward, m)
+            yield state
+        finally:
+            for h in handles:
+                h.remove()
+            if self.impl == "batched":
+                for m in layers:
+                    m.__dict__.pop("forward", None)
+
+    def use(self, name: str) -> None:
+        """Make ``name`` the active adapter of every LoRA layer (per-speaker switching without reloading)."""
+        key = self.internal[name]
+        for _, m in lora_layers(self.model):
+            m.set_adapter(key)
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+
+def _bound(fn, layer):
+    def forward(x, *args, **kwargs):
+        return fn(layer, x, *args, **kwargs)
+    return forward
+
+
+def load_adapters(model: torch.nn.Module, adapters: Mapping[str, Union[str, Path]], impl: str = "batched",
+                  check_base: bool = True) -> MixedAdapters:
+    """Load ``{speaker: adapter_dir}`` into ``model``; returns the handle for mixed batches."""
+    mixed = MixedAdapters(model, impl=impl)
+    for name, d in adapters.items():
+        mixed.add(name, d, check_base=check_base)
+    return mixed
+
+
+@contextlib.contextmanager
+def folded(model: torch.nn.Module, adapter: Optional[str] = None) -> Iterator[int]:
+    """Inside the block every LoRA layer computes ``x @ (W + B A s)^T`` with one dense weight.
+
+    ``adapter``: the peft adapter name to fold (default: each layer's active adapter). ``W`` is the
+    dequantised base weight (NF4/int layers) or the float weight; the layer's dequantisation cache
+    is dropped while the folded copy exists, so memory stays that of the cache. Yields the number
+    of folded layers.
+    """
+    layers = lora_layers(model)
+    n = 0
+    try:
+        with torch.no_grad():
+            for _, layer in layers:
+                name = adapter or layer.active_adapters[0]
+                if name not in layer.lora_A:
+                    continue
+                base = layer.get_base_layer()
+                if isinstance(base, DequantCacheMixin):
+                    w = base.dequantize_weight()
+                    base.drop_dequant_cache()
+                elif isinstance(base, torch.nn.Linear):
+                    w = base.weight.detach().clone()
+                else:
+                    raise TypeError(f"cannot fold LoRA into a {type(base).__name__}")
+                w += layer.get_delta_weight(name).to(w.dtype)
+                layer.forward = _folded_forward(w, base.bias)
+                n += 1
+        yield n
+    finally:
+        for _, layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+def _folded_forward(weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    def forward(x, *args, **kwargs):
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return forward

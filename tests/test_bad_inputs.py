@@ -1,0 +1,166 @@
+"""Bad input to the stages: each case gives a clear error naming the file (and line), and leaves no
+partial output. Data-preparation cases live in test_data_*.py, checkpoint/adapter cases in
+test_quant_checkpoint.py and test_lora.py; these are the recipe- and stage-level ones.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pqm_ext.asr.adapt import adapt_speaker
+from pqm_ext.asr.config import merge_configs, read_yaml
+from pqm_ext.asr.layout import ExpLayout
+from pqm_ext.bin.quantize import quantize_dir
+from pqm_ext.data.kaldi_dir import DataDir
+from pqm_ext.lora import AdapterConfig
+from pqm_ext.models.whisper import read_whisper_checkpoint
+from pqm_ext.quant import QuantConfig
+from pqm_ext.utils.errors import InputError
+from pqm_ext.utils.fileio import atomic_dir, write_text_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pqm_sh(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The shared stage script in a bare recipe directory (only the checks before any stage run)."""
+    recipe = tmp_path / "recipe"
+    recipe.mkdir(exist_ok=True)
+    for name, target in [("pqm.sh", "egs/TEMPLATE/pqm.sh"), ("path.sh", "egs/TEMPLATE/path.sh"),
+                         ("cmd.sh", "egs/TEMPLATE/cmd.sh"), ("conf", "egs/TEMPLATE/conf"), ("utils", "utils")]:
+        if not (recipe / name).exists():
+            (recipe / name).symlink_to(REPO / target)
+    return subprocess.run(["./pqm.sh", *args], cwd=recipe, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "6", "--stop_stage", "2"], "--stage 6 is after --stop_stage 2"),
+    (["--model", "lstm"], "--model must be whisper or conformer, not 'lstm'"),
+    (["--no_such_option", "1"], "unknown option --no_such_option"),
+    (["--stage", "8", "stray"], "unexpected argument: stray"),
+])
+def test_stage_script_rejects_bad_options_before_running(tmp_path, args, message):
+    res = pqm_sh(tmp_path, *args)
+    assert res.returncode != 0 and message in res.stderr
+    assert not (tmp_path / "recipe/exp").exists() and not (tmp_path / "recipe/data").exists()
+
+
+def test_nj_larger_than_the_number_of_speakers(tmp_path):
+    sa_test = tmp_path / "recipe/data/sa_test"
+    sa_test.mkdir(parents=True)
+    (sa_test / "spk2utt").write_text("a a-1 a-2\nb b-1\n")
+    res = pqm_sh(tmp_path, "--stage", "8", "--stop_stage", "8", "--nj", "3")
+    assert res.returncode != 0 and "--nj 3 is larger than the number of target speakers (2)" in res.stderr
+    assert not (tmp_path / "recipe/exp/whisper/decode/log").exists()
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "quant.yaml"
+    bad.write_text("quant_conf:\n  method: nf4\n  blocksize: [64\n")
+    with pytest.raises(InputError, match=rf"{bad}:\d+: invalid YAML"):
+        read_yaml(bad)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(InputError, match=f"{tmp_path}/nope.yaml: config file not found"):
+        merge_configs([tmp_path / "nope.yaml"])
+
+
+@pytest.mark.parametrize("conf, message", [
+    ({"quant_conf": {"method": "nf5"}}, "quantisation method 'nf5' is not one of"),
+    ({"quant_conf": {"method": "nf4", "block": 64}}, r"unknown quantisation option\(s\) \['block'\]"),
+    ({"quant": {"method": "nf4"}}, r"unknown key\(s\) \['quant'\]"),
+])
+def test_bad_quantisation_config(tmp_path, conf, message):
+    cfg = tmp_path / "quant.yaml"
+    cfg.write_text(yaml.safe_dump(conf))
+    with pytest.raises(ValueError, match=message):
+        quantize_dir(tmp_path / "base", cfg, tmp_path / "nf4")
+    assert not (tmp_path / "nf4").exists()
+
+
+def test_missing_base_model(tmp_path):
+    cfg = tmp_path / "quant.yaml"
+    cfg.write_text(yaml.safe_dump({"quant_conf": {"method": "nf4"}}))
+    with pytest.raises(InputError, match=f"{tmp_path}/base/config.yaml: config file not found"):
+        quantize_dir(tmp_path / "base", cfg, tmp_path / "nf4")
+    assert not (tmp_path / "nf4").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "Whisper checkpoint not found"),
+    (b"\x00" * 100, "cannot read as an openai-whisper checkpoint"),
+])
+def test_bad_whisper_checkpoint(tmp_path, content, message):
+    path = tmp_path / "base.en.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputError, match=f"{path}: {message}"):
+        read_whisper_checkpoint(path)
+
+
+def test_lora_config_errors():
+    with pytest.raises(ValueError, match=r"unknown LoRA option\(s\) \['rnak'\]"):
+        AdapterConfig.from_dict({"rnak": 4, "target_modules": ["x"]})
+    with pytest.raises(ValueError, match="LoRA rank must be >= 1"):
+        AdapterConfig.from_dict({"rank": 0, "target_modules": ["x"]})
+    with pytest.raises(ValueError, match="blocksize 48"):
+        QuantConfig(blocksize=48)
+
+
+def _sa_data(tmp_path: Path) -> DataDir:
+    utts = [f"spk1-{i}" for i in range(3)]
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits/spk1.adapt").write_text("\n".join(utts) + "\n")
+    return DataDir(wav_scp={u: f"/nowhere/{u}.wav" for u in utts}, text={u: "HELLO" for u in utts},
+                   utt2spk={u: "spk1" for u in utts})
+
+
+def test_more_adaptation_utterances_requested_than_the_speaker_has(tmp_path):
+    layout = ExpLayout(tmp_path / "exp")
+    failures = adapt_speaker(layout, "spk1", _sa_data(tmp_path), tmp_path / "splits", [5], ["scratch"],
+                             {"scratch": []})
+    assert failures == [f"spk1 n=5: {tmp_path}/splits/spk1.adapt has only 3 adaptation utterances"]
+    assert not (tmp_path / "exp").exists()
+
+
+def test_speaker_without_a_split_file(tmp_path):
+    _sa_data(tmp_path)
+    with pytest.raises(InputError, match=f"{tmp_path}/splits/spk9.adapt: speaker split file not found"):
+        adapt_speaker(ExpLayout(tmp_path / "exp"), "spk9", DataDir({}, {}, {}), tmp_path / "splits", [2],
+                      ["scratch"], {"scratch": []})
+
+
+def test_missing_pseudo_labels_for_semi_supervised_adaptation(tmp_path):
+    labels = tmp_path / "pseudo.txt"
+    labels.write_text("spk1-0 HELLO\n")
+    failures = adapt_speaker(ExpLayout(tmp_path / "exp"), "spk1", _sa_data(tmp_path), tmp_path / "splits", [2],
+                             ["semi"], {"semi": []}, pseudo_text=labels)
+    assert len(failures) == 1 and f"{labels}: no pseudo-label for spk1-1" in failures[0]
+    assert not list((tmp_path / "exp").rglob("adapter"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere; covered by the not-a-directory case")
+def test_unwritable_output_directory(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    with pytest.raises(InputError, match="cannot write here"):
+        write_text_atomic(ro / "x.txt", "x")
+
+
+def test_output_path_below_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match=f"{tmp_path}/file/out: cannot write here"):
+        with atomic_dir(tmp_path / "file" / "out"):
+            pass
+
+
+def test_interrupted_atomic_dir_leaves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "half").write_text("written")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []

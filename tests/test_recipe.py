@@ -1,0 +1,143 @@
+"""The LibriSpeech-SA recipe end to end on a tiny synthesised corpus (2 target speakers, 1 epoch).
+
+One module-scoped run of stages 1-8 is shared; the tests then re-run stages (nothing is redone),
+rebuild stages 5-8 from scratch (same numbers: the pipeline is deterministic), kill stage 7 with
+SIGKILL half-way and resume it, and run stage 7 through a live Slurm (PQM_TEST_SLURM=1).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict
+
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DEMO = ("--num_target_speakers 3 --num_pool_speakers 2 --adapt_per_speaker 4 --test_per_speaker 3 "
+             "--pool_per_speaker 4 --dev_speakers 1 --dev_per_speaker 2")
+TINY_DATA = "--num_target_speakers 2 --max_adapt 4 --num_test 3"
+ARGS = ["--corpus", "librispeech_sa", "--corpus_layout", "librispeech", "--demo_opts", TINY_DEMO,
+        "--data_opts", TINY_DATA, "--nutts", "2 4", "--lora_args", "--max_epoch 1 --batch_size 2", "--nj", "2"]
+SYSTEMS = ["fp", "nf4", "int4", "lora_pretrained", "lora_scratch", "pqm"]
+
+
+def make_recipe(root: Path) -> Path:
+    """A recipe directory wired like egs/librispeech_sa (symlinks to the shared pieces)."""
+    root.mkdir(parents=True)
+    for name, target in [("pqm.sh", "egs/TEMPLATE/pqm.sh"), ("path.sh", "egs/TEMPLATE/path.sh"),
+                         ("cmd.sh", "egs/TEMPLATE/cmd.sh"), ("conf", "egs/TEMPLATE/conf"), ("utils", "utils"),
+                         ("local", "egs/librispeech_sa/local")]:
+        (root / name).symlink_to(REPO / target)
+    (root / "db.sh").write_text("LIBRISPEECH=\n")
+    return root
+
+
+def run_recipe(recipe: Path, *args: str, env: Dict[str, str] = None, timeout: int = 1200) -> subprocess.CompletedProcess:
+    res = subprocess.run(["./pqm.sh", *ARGS, *args], cwd=recipe, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **(env or {})})
+    print(res.stderr[-3000:])
+    return res
+
+
+def outputs(recipe: Path) -> Dict[str, int]:
+    """mtime of every model, adapter and hypothesis file: what a re-run must not touch."""
+    exp = recipe / "exp/whisper"
+    files = list(exp.glob("*/model.safetensors")) + list(exp.glob("**/adapter/adapter_model.safetensors"))
+    files += list(exp.glob("decode/*/hyp/*.txt")) + list((recipe / "dump/raw").glob("*/wav.scp"))
+    return {str(p.relative_to(recipe)): p.stat().st_mtime_ns for p in files}
+
+
+def adapters(recipe: Path) -> Dict[str, Dict]:
+    return {str(p.parent.relative_to(recipe)): load_file(str(p))
+            for p in (recipe / "exp/whisper/adapt").glob("*/n*/*/adapter/adapter_model.safetensors")}
+
+
+def wers(recipe: Path) -> Dict:
+    systems = json.loads((recipe / "exp/whisper/results.json").read_text())["systems"]
+    return {k: (v["wer"] if "wer" in v else {n: e["wer"] for n, e in v.items()}) for k, v in systems.items()}
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    recipe = make_recipe(tmp_path_factory.mktemp("recipe") / "librispeech_sa")
+    res = run_recipe(recipe)
+    assert res.returncode == 0, res.stderr[-5000:]
+    return recipe
+
+
+def test_stages_1_to_8_write_the_results_table(recipe):
+    results = json.loads((recipe / "exp/whisper/results.json").read_text())
+    assert results["model"] == "whisper" and results["corpus"] == "librispeech_sa"
+    assert sorted(results["systems"]) == sorted(SYSTEMS)
+    assert sorted(results["systems"]["pqm"]) == ["2", "4"] and sorted(results["systems"]["lora_scratch"]) == ["2", "4"]
+    for name, entry in results["systems"].items():
+        for e in ([entry] if "wer" in entry else entry.values()):
+            assert 0.0 <= e["wer"] and e["ref_words"] > 0 and len(e["per_speaker"]) == 2, name
+    assert results["bytes"]["fp32"] / results["bytes"]["nf4"] > 6.9
+    assert 0 < results["adapter_params"] < 0.01 * results["base_params"]
+    table = (recipe / "exp/whisper/RESULTS.md").read_text()
+    assert "| pqm | 4 |" in table and "| fp | - |" in table
+    assert (recipe / "exp/whisper/wer_vs_n.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(adapters(recipe)) == 2 * 2 * 2  # speakers x N x inits
+    for log in (recipe / "exp/whisper/adapt/log").glob("adapt.*.log"):
+        assert "# Ended (code 0)" in log.read_text()
+
+
+def test_rerun_of_finished_stages_redoes_nothing(recipe):
+    before = outputs(recipe)
+    res = run_recipe(recipe, "--stage", "2", "--stop_stage", "8")
+    assert res.returncode == 0
+    assert outputs(recipe) == before
+    assert "exists: skipping" in res.stderr
+
+
+def test_stage_5_to_8_rebuild_gives_the_same_numbers(recipe):
+    first = wers(recipe)
+    for d in ("nf4", "int4", "lora_pretrain", "adapt", "decode"):
+        shutil.rmtree(recipe / "exp/whisper" / d)
+    res = run_recipe(recipe, "--stage", "5", "--stop_stage", "8")
+    assert res.returncode == 0
+    assert wers(recipe) == first
+
+
+def test_stage_7_killed_half_way_resumes_to_the_same_adapters(recipe):
+    reference = adapters(recipe)
+    shutil.rmtree(recipe / "exp/whisper/adapt")
+    proc = subprocess.Popen(["./pqm.sh", *ARGS, "--stage", "7", "--stop_stage", "7"], cwd=recipe,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(adapters(recipe)) < 2:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(adapters(recipe))
+    assert 2 <= done < len(reference), f"kill came too late ({done} of {len(reference)} adapters done)"
+    res = run_recipe(recipe, "--stage", "7", "--stop_stage", "7")
+    assert res.returncode == 0
+    resumed = adapters(recipe)
+    assert sorted(resumed) == sorted(reference)
+    for unit, tensors in reference.items():
+        assert sorted(tensors) == sorted(resumed[unit])
+        assert all((tensors[k] == resumed[unit][k]).all() for k in tensors), unit
+    leftovers = [p for p in (recipe / "exp/whisper/adapt").rglob(".*tmp-*")]
+    assert leftovers == []
+
+
+@pytest.mark.slurm
+def test_stage_7_through_a_live_slurm(recipe, slurm):
+    shutil.rmtree(recipe / "exp/whisper/adapt/scratch")
+    res = run_recipe(recipe, "--stage", "7", "--stop_stage", "7", env={"PQM_CMD_BACKEND": "slurm"})
+    assert res.returncode == 0
+    assert "submitted Slurm job" in res.stderr
+    logs = sorted((recipe / "exp/whisper/adapt/log").glob("adapt.*.log"))
+    assert len(logs) == 2
+    for log in logs:
+        text = log.read_text()
+        assert "# Slurm job " in text and "# Ended (code 0)" in text
+    assert len(list((recipe / "exp/whisper/adapt/scratch").glob("n*/*/adapter"))) == 2 * 2
