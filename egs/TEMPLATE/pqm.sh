@@ -23,7 +23,7 @@ data_opts=                 # options of local/data.sh
 model_config=              # default: conf/<model>/model.yaml
 whisper_checkpoint=        # openai-whisper checkpoint (e.g. base.en.pt); empty: bundled tiny.en
 pretrained_model=          # conformer: an ESPnet model dir (config.yaml + model file) instead of training
-base_train_config=         # conformer: training config of the base model
+base_train_config=         # conformer: trainer options of the base model (default: conf/<model>/train.yaml)
 nbpe=300                   # conformer: sentencepiece vocabulary size
 quant=nf4                  # the quantised base that is adapted (conf/quant_<quant>.yaml)
 baselines="int4"           # other quantisations decoded for comparison (conf/quant_<b>.yaml)
@@ -47,6 +47,7 @@ options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir dem
 case $model in whisper|conformer) ;; *) log "--model must be whisper or conformer, not '$model'"; exit 1 ;; esac
 if [ "$stage" -gt "$stop_stage" ]; then log "--stage $stage is after --stop_stage $stop_stage"; exit 1; fi
 model_config=${model_config:-conf/$model/model.yaml}
+base_train_config=${base_train_config:-conf/$model/train.yaml}
 decode_config=${decode_config:-conf/$model/decode.yaml}
 [ "$pseudo_labels" = true ] && [[ " $inits " != *" semi "* ]] && inits="$inits semi"
 exp=exp/$model
@@ -101,7 +102,7 @@ if run 4; then
     python -m pqm_ext.bin.prepare_whisper_base --config "$model_config" --token_list "$token_list" \
       --checkpoint "$whisper_checkpoint" --out $exp/base
   else
-    python -m pqm_ext.bin.train_base --config "$model_config" ${base_train_config:+--train_config "$base_train_config"} \
+    python -m pqm_ext.bin.train_base --config "$model_config" --train_config "$base_train_config" \
       --token_list "$token_list" --bpemodel "$(dirname "$token_list")/bpe.model" --train_data $dump/pretrain \
       --valid_data $dump/dev --pretrained_model "$pretrained_model" --ngpu "$ngpu" --seed "$seed" --out $exp/base \
       --train_args "$asr_args"
