@@ -24,7 +24,7 @@ overwrite=false
 
 options="data_dir corpus num_target_speakers max_adapt min_adapt num_test seed target_speakers check_audio overwrite"
 help_message="Usage: $0 [--name value] ..."
-. utils/parse_options.sh
+. "$(dirname "$(readlink -f "$0")")/../utils/parse_options.sh"  # works from any directory
 if [ $# -gt 0 ]; then log "unexpected argument '$1'"; exit 1; fi
 
 if [ -f db.sh ]; then . ./db.sh; fi

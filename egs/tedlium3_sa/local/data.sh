@@ -26,7 +26,7 @@ sa_subsets=train         # legacy subsets the SA talks come from: train, test or
 
 options="data_dir corpus num_target_speakers max_adapt min_adapt num_test seed target_speakers check_audio overwrite sa_subsets"
 help_message="Usage: $0 [--name value] ..."
-. utils/parse_options.sh
+. "$(dirname "$(readlink -f "$0")")/../utils/parse_options.sh"  # works from any directory
 if [ $# -gt 0 ]; then log "unexpected argument '$1'"; exit 1; fi
 
 if [ -f db.sh ]; then . ./db.sh; fi
