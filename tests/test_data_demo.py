@@ -12,6 +12,7 @@ import yaml
 
 from data_fixtures import TINY, TINY_SEED, librispeech_tree, synth_tiny, tedlium_tree, tree_digest  # noqa: F401
 from pqm_ext.data.text import is_normalised, normalise_tedlium
+from pqm_ext.demo.text import FORTUNES_MIN
 from pqm_ext.demo.channel import Channel, finish
 from pqm_ext.demo.layouts import noise_rng, render
 from pqm_ext.demo.speakers import SpeakerSpec
@@ -167,6 +168,7 @@ def test_channel_band_limit_applies_to_speech_and_noise(tmp_path):
 
 
 def test_text_pool_too_small_is_an_error():
-    config = DemoConfig(layout="librispeech", num_target_speakers=40, adapt_per_speaker=20, test_per_speaker=15)
+    config = DemoConfig(layout="librispeech", num_target_speakers=40, adapt_per_speaker=20, test_per_speaker=15,
+                        text_files=FORTUNES_MIN)  # 834 sentences for 40 x 35 unique target sentences
     with pytest.raises(ValueError, match="usable sentences"):
         plan_corpus(config)

@@ -13,7 +13,7 @@ python=${PYTHON:-python3}
 log() { echo "$(date '+%Y-%m-%d %H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[0]}) $*" >&2; }
 
 apt_packages=(sox libsox-fmt-all flac flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
-              espeak-ng fortunes-min)
+              espeak-ng fortunes-min fortunes)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -105,7 +105,7 @@ if run 4; then
     python -m pqm_ext.bin.train_base --config "$model_config" --train_config "$base_train_config" \
       --token_list "$token_list" --bpemodel "$(dirname "$token_list")/bpe.model" --train_data $dump/pretrain \
       --valid_data $dump/dev --pretrained_model "$pretrained_model" --ngpu "$ngpu" --seed "$seed" --out $exp/base \
-      --train_args "$asr_args"
+      --train_args "$asr_args" --num_threads "$nj"
   fi
 fi
 

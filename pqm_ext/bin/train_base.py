@@ -45,6 +45,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_args", default="", help="extra ESPnet options, e.g. '--max_epoch 5'")
     p.add_argument("--ngpu", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_threads", type=int, default=1, help="CPU threads for this one training job")
     return p
 
 
@@ -101,6 +102,7 @@ def train(a) -> Path:
 @entry_point
 def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
+    torch.set_num_threads(a.num_threads)
     if (Path(a.out) / MODEL_FILE).is_file():
         logging.info("%s exists: skipping", a.out)
     elif a.pretrained_model:

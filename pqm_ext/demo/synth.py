@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pqm_ext.demo.layouts import (LAYOUTS, SUBSETS, SpeakerPlan, assign_utterances, speaker_ids,
                                   write_librispeech_speaker, write_speakers_txt, write_tedlium_talk)
 from pqm_ext.demo.speakers import make_roster
-from pqm_ext.demo.text import FORTUNES_MIN, load_sentences
+from pqm_ext.demo.text import FORTUNES_ALL, load_sentences
 from pqm_ext.demo.voices import check_engines
 
 MARKER = ".synth_done.yaml"
@@ -45,13 +45,13 @@ class DemoConfig:
     layout: str = "librispeech"
     seed: int = 0
     num_target_speakers: int = 12
-    num_pool_speakers: int = 8
+    num_pool_speakers: int = 16
     adapt_per_speaker: int = 20
     test_per_speaker: int = 15
-    pool_per_speaker: int = 25
+    pool_per_speaker: int = 60
     dev_speakers: int = 2
     dev_per_speaker: int = 8
-    text_files: Tuple[str, ...] = field(default=FORTUNES_MIN)
+    text_files: Tuple[str, ...] = field(default=FORTUNES_ALL)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:

@@ -18,6 +18,16 @@ from pqm_ext.data.text import normalise_text
 
 FORTUNES_MIN = ("/usr/share/games/fortunes/fortunes", "/usr/share/games/fortunes/literature",
                 "/usr/share/games/fortunes/riddles")
+# Every database of Debian's fortunes and fortunes-min (ascii-art aside): ~13k usable sentences, enough
+# text variety for the pretraining pool a Conformer base is trained on.
+FORTUNES_ALL = tuple(f"/usr/share/games/fortunes/{name}" for name in (
+    "art", "computers", "cookie", "debian", "definitions", "disclaimer", "drugs", "education",
+    "ethnic", "food", "fortunes", "goedel", "humorists", "kids", "knghtbrd", "law",
+    "linux", "linuxcookie", "literature", "love", "magic", "medicine", "men-women", "miscellaneous",
+    "news", "paradoxum", "people", "perl", "pets", "platitudes", "politics", "pratchett",
+    "riddles", "science", "songs-poems", "sports", "startrek", "tao", "translate-me", "wisdom",
+    "work", "zippy",
+))
 MIN_WORDS, MAX_WORDS = 5, 20
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -41,6 +51,8 @@ def clean_sentence(raw: str) -> Union[Sentence, None]:
         return None
     if _ACRONYM.search(s) or _QA_MARK.search(s) or _EDGE_QUOTE.search(s) or "." in s[:-1] or "--" in s:
         return None
+    if re.search(r"[!?]", s[:-1]) or re.search(r"(^| )[^A-Za-z' ]+( |$)", s):
+        return None  # inner ?/! or bare punctuation tokens: TTS engines mis-read or reject them
     if s[-1] not in ".!?":
         return None
     words = normalise_text(s).split()
@@ -60,7 +72,8 @@ def load_sentences(paths: Sequence[Union[str, Path]] = FORTUNES_MIN, seed: int =
     by_transcript = {}
     for path in paths:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: text source missing (install Debian's fortunes-min: tools/install.sh)")
+            raise FileNotFoundError(f"{path}: text source missing (install Debian's fortunes and fortunes-min: "
+                                    "tools/install.sh)")
         for entry in read_fortunes(path):
             for raw in _SENTENCE_END.split(entry):
                 sentence = clean_sentence(raw)
