@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from pqm_ext.utils.options import dataclass_from_dict
+
 
 @dataclass
 class AdapterConfig:
@@ -36,12 +38,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, conf: Optional[dict]) -> "AdapterConfig":
-        conf = dict(conf or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(conf) - known)
-        if unknown:
-            raise ValueError(f"unknown LoRA option(s) {unknown}; known: {sorted(known)}")
-        return cls(**conf)
+        return dataclass_from_dict(cls, conf, "LoRA")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import torch
 
+from pqm_ext.utils.options import dataclass_from_dict
+
 METHODS = ("nf4", "fp4", "int", "none")
 LAYER_KINDS = ("linear", "conv", "embedding")
 
@@ -68,12 +70,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, conf: Optional[dict]) -> "QuantConfig":
-        conf = dict(conf or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(conf) - known)
-        if unknown:
-            raise ValueError(f"unknown quantisation option(s) {unknown}; known: {sorted(known)}")
-        return cls(**conf)
+        return dataclass_from_dict(cls, conf, "quantisation")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
