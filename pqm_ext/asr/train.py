@@ -8,10 +8,10 @@ to ``<out>/adapter`` (atomically), which is what marks the unit of work as done.
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
 import yaml
 
 from pqm_ext.asr.config import merge_configs
@@ -73,9 +73,12 @@ def discard_unreadable_checkpoint(train_dir: Path) -> None:
     ckpt = train_dir / "checkpoint.pth"
     if not ckpt.exists():
         return
-    try:
-        torch.load(ckpt, map_location="cpu", weights_only=False)  # our own trainer state, not user input
-    except Exception as e:  # truncated pickles raise several types
-        logger.warning("%s is unreadable (%s): training this unit again from the start", ckpt, e)
+    try:  # torch.save writes a zip archive: check it whole (CRCs) without unpickling anything
+        with zipfile.ZipFile(ckpt) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        bad = str(e)
+    if bad is not None:
+        logger.warning("%s is damaged (%s): training this unit again from the start", ckpt, bad)
         for p in train_dir.glob("*.pth"):
             p.unlink()
