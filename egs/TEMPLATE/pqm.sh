@@ -102,10 +102,12 @@ if run 4; then
     python -m pqm_ext.bin.prepare_whisper_base --config "$model_config" --token_list "$token_list" \
       --checkpoint "$whisper_checkpoint" --out $exp/base
   else
-    python -m pqm_ext.bin.train_base --config "$model_config" --train_config "$base_train_config" \
-      --token_list "$token_list" --bpemodel "$(dirname "$token_list")/bpe.model" --train_data $dump/pretrain \
-      --valid_data $dump/dev --pretrained_model "$pretrained_model" --ngpu "$ngpu" --seed "$seed" --out $exp/base \
-      --train_args "$asr_args" --num_threads "$nj"
+    [ -n "$pretrained_model" ] || log "training it with ESPnet; log: $exp/base_train/train.log"
+    ${cuda_cmd} --gpu "$ngpu" --num_threads "$nj" $exp/base_train/train.log \
+      python -m pqm_ext.bin.train_base --config "$model_config" --train_config "$base_train_config" \
+        --token_list "$token_list" --bpemodel "$(dirname "$token_list")/bpe.model" --train_data $dump/pretrain \
+        --valid_data $dump/dev --pretrained_model "$pretrained_model" --ngpu "$ngpu" --seed "$seed" --out $exp/base \
+        --train_args "$asr_args" --num_threads "$nj"
   fi
 fi
 

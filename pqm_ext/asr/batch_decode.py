@@ -5,7 +5,8 @@ decoder step runs all of its rows together: the Whisper decoder's incremental ``
 self-attention keys/values, cross-attention keys/values computed once per batch) or ESPnet's
 ``forward_one_step`` for its Transformer decoder. Rows stop at end-of-text or at ESPnet's length
 guard (``maxlenratio``: > 0 caps the output at ``int(maxlenratio * encoder frames)`` tokens, < 0 at
-a constant, 0 at the number of encoder frames); finished rows leave the batch. Token ids become
+a constant, 0 at the number of encoder frames; a ``Recognizer`` with ``max_tokens_per_second`` sets
+it per utterance, as its own decoding does); finished rows leave the batch. Token ids become
 text exactly as ``Speech2Text`` does it (its converter and tokenizer), so for a greedy decoding
 configuration (beam 1, decoder score only) the texts are those of ``Speech2Text``, one utterance
 at a time (tested).
@@ -24,7 +25,7 @@ Usage:
     from pqm_ext.asr.batch_decode import batch_decode
     from pqm_ext.asr.recognizer import Recognizer
     from pqm_ext.lora.mixed import load_adapters
-    rec = Recognizer("exp/whisper/nf4", {"beam_size": 1, "maxlenratio": 0.15, "ctc_weight": 0.0})
+    rec = Recognizer("exp/whisper/nf4", {"beam_size": 1, "ctc_weight": 0.0, "max_tokens_per_second": 8})
     mixed = load_adapters(rec.model, {"1937": "exp/whisper/adapt/pretrained/n20/1937/adapter", ...})
     texts = batch_decode(rec, [wav1, wav2, ...], adapter_names=["1937", "195", ...], mixed=mixed)
 """
@@ -110,10 +111,11 @@ class _Stepper:
 
 @torch.no_grad()
 def greedy_search(model, speech: torch.Tensor, lengths: torch.Tensor, *, primer: Sequence[int], eos: int,
-                  maxlenratio: float = 0.0, force_steps: Optional[int] = None, incremental: bool = True,
-                  rows=None) -> Tuple[List[List[int]], int]:
+                  maxlenratio: Union[float, Sequence[float]] = 0.0, force_steps: Optional[int] = None,
+                  incremental: bool = True, rows=None) -> Tuple[List[List[int]], int]:
     """Greedy decoding of one padded batch ``speech`` (rows, samples) with ``lengths``.
 
+    ``maxlenratio``: ESPnet's length guard, one for all rows or one per row.
     Returns the generated token ids of each row (without end-of-text) and the number of decoder
     steps run. ``force_steps``: run exactly that many steps for every row, ignoring end-of-text and
     the length guard (benchmarks: equal lengths across models). ``incremental=False``: recompute
@@ -129,7 +131,9 @@ def greedy_search(model, speech: torch.Tensor, lengths: torch.Tensor, *, primer:
     if force_steps is not None:
         maxlen = torch.full((n,), int(force_steps), dtype=torch.long)
     else:
-        maxlen = torch.tensor([max_output_length(maxlenratio, int(t)) for t in enc_lens.tolist()], dtype=torch.long)
+        ratios = [maxlenratio] * n if isinstance(maxlenratio, (int, float)) else list(maxlenratio)
+        maxlen = torch.tensor([max_output_length(r, int(t)) for r, t in zip(ratios, enc_lens.tolist())],
+                              dtype=torch.long)
     ys = torch.tensor(list(primer), dtype=torch.long, device=device).expand(n, -1).contiguous()
     alive = torch.arange(n)  # original row of each running row
     out: List[List[int]] = [[] for _ in range(n)]
@@ -179,6 +183,17 @@ def greedy_settings(s2t) -> Tuple[List[int], int, float]:
 
 class NotGreedyError(ValueError):
     """The decoding config is not greedy search on the decoder score."""
+
+
+def utterance_maxlenratio(rec, n_samples: int) -> float:
+    """The length guard ``rec`` applies to an utterance of ``n_samples``: a ``Recognizer``'s
+    per-utterance ``max_tokens_per_second`` (the same arithmetic as its ``__call__``), else
+    ``Speech2Text.maxlenratio``."""
+    per_second = getattr(rec, "max_tokens_per_second", None)
+    if per_second:
+        seconds = n_samples / 16000
+        return per_second * seconds / rec._encoder_frames(seconds)
+    return float(_speech2text(rec).maxlenratio)
 
 
 def check_greedy(s2t) -> None:
@@ -241,7 +256,7 @@ def decode_token_ids(rec, speeches: Sequence[Speech], adapter_names: Optional[Se
     """Token ids (without end-of-text) of every utterance; see ``batch_decode``."""
     s2t = _speech2text(rec)
     model = s2t.asr_model
-    primer, eos, maxlenratio = greedy_settings(s2t)
+    primer, eos, _ = greedy_settings(s2t)
     if adapter_names is not None:
         if mixed is None:
             raise ValueError("adapter_names needs the MixedAdapters the speakers' adapters were loaded with")
@@ -264,6 +279,7 @@ def decode_token_ids(rec, speeches: Sequence[Speech], adapter_names: Optional[Se
             w = wavs[i][:width]
             batch[j, : w.numel()] = w
         batch, lens = batch.to(device), lens.to(device)
+        maxlenratio = [utterance_maxlenratio(rec, wavs[i].numel()) for i in idx]
         if adapter_names is not None:
             with mixed.rows([adapter_names[i] for i in idx]) as rows:
                 ids, _ = greedy_search(model, batch, lens, primer=primer, eos=eos, maxlenratio=maxlenratio,

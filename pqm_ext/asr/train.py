@@ -50,7 +50,10 @@ def train_adapter(model_dir, train_config, train_data, valid_data, out_dir, *, i
     conf.update(base_model_file=str(model_dir / MODEL_FILE), init_adapter=init_adapter, seed=seed,
                 output_dir=str(out_dir / "train"), ngpu=ngpu, resume=True, adapter_out=str(adapter_dir),
                 adapter_info=info or {})
-    for key in ("config", "required"):  # parser bookkeeping that ESPnet dumps with the options
+    # A base trained by ESPnet (stage 4's Conformer) carries its own data and ESPnet's bookkeeping
+    # (version, distributed) in config.yaml: not options of this training.
+    for key in ("config", "required", "version", "distributed", "train_data_path_and_name_and_type",
+                "valid_data_path_and_name_and_type", "train_shape_file", "valid_shape_file"):
         conf.pop(key, None)
     train_dir = out_dir / "train"
     train_dir.mkdir(parents=True, exist_ok=True)

@@ -53,8 +53,8 @@ class RowAdapters:
     """The adapters of the current batch rows (from ``MixedAdapters.rows``); ``select`` keeps a
     subset of rows (e.g. when finished utterances leave a decoding batch)."""
 
-    def __init__(self, owner: "MixedAdapters", names: Sequence[Optional[str]]):
-        self.owner = owner
+    def __init__(self, owner: "MixedAdapters", names: Sequence[Optional[str]], impl: str):
+        self.owner, self.impl = owner, impl
         self.names: List[Optional[str]] = list(names)
         self._peft_names: List[str] = []
         self._gathered: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -67,7 +67,7 @@ class RowAdapters:
     def _update(self) -> None:
         o = self.owner
         self._peft_names[:] = [BASE if n in (None, BASE) else o.internal[n] for n in self.names]
-        if o.impl == "batched":
+        if self.impl == "batched":
             idx = torch.tensor([o.slot(n) for n in self.names], dtype=torch.long)
             self._gathered = {}
             for key, (a, b, s) in o.stacks().items():
@@ -153,15 +153,19 @@ class MixedAdapters:
         return self._stacks
 
     @contextlib.contextmanager
-    def rows(self, names: Sequence[Optional[str]]) -> Iterator[RowAdapters]:
-        """Inside the block, row ``i`` of every batch uses adapter ``names[i]``."""
+    def rows(self, names: Sequence[Optional[str]], impl: Optional[str] = None) -> Iterator[RowAdapters]:
+        """Inside the block, row ``i`` of every batch uses adapter ``names[i]`` (``impl``: override
+        this handle's implementation for the block)."""
+        impl = impl or self.impl
+        if impl not in IMPLS:
+            raise ValueError(f"mixed-adapter implementation {impl!r} is not one of {IMPLS}")
         if self.model.training:
             raise ValueError("mixed adapter batches are for inference: call model.eval() first")
-        state = RowAdapters(self, names)
+        state = RowAdapters(self, names, impl)
         layers = [m for _, m in lora_layers(self.model)]
         handles = []
         try:
-            if self.impl == "peft":
+            if impl == "peft":
                 def hook(_module, args, kwargs):
                     kwargs["adapter_names"] = state._peft_names
                     return args, kwargs
@@ -174,7 +178,7 @@ class MixedAdapters:
         finally:
             for h in handles:
                 h.remove()
-            if self.impl == "batched":
+            if impl == "batched":
                 for m in layers:
                     m.__dict__.pop("forward", None)
 

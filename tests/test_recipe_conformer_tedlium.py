@@ -1,0 +1,79 @@
+"""The TED-LIUM 3 recipe with the Conformer AED, end to end on a tiny synthesised corpus.
+
+Covers what the Whisper run in test_recipe.py does not: the TED-LIUM layout (sph + stm, segments,
+talks as speakers), stage 3's sentencepiece token list, stage 4's ESPnet training of a Conformer base
+from scratch (its saved config is then the base of stages 5-7), BatchNorm in the adapted model, and
+joint CTC/attention beam search in stage 8.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DEMO = ("--num_target_speakers 3 --num_pool_speakers 2 --adapt_per_speaker 4 --test_per_speaker 3 "
+             "--pool_per_speaker 6 --dev_speakers 1 --dev_per_speaker 2")
+ARGS = ["--corpus", "tedlium3_sa", "--corpus_layout", "tedlium3", "--model", "conformer", "--demo_opts", TINY_DEMO,
+        "--data_opts", "--num_target_speakers 2 --max_adapt 4 --num_test 3", "--nutts", "2 4", "--nbpe", "30",
+        "--asr_args", "--max_epoch 1 --batch_bins 400000", "--lora_args", "--max_epoch 1 --batch_size 2",
+        "--nj", "2"]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("recipe") / "tedlium3_sa"
+    root.mkdir()
+    for name, target in [("pqm.sh", "egs/TEMPLATE/pqm.sh"), ("path.sh", "egs/TEMPLATE/path.sh"),
+                         ("cmd.sh", "egs/TEMPLATE/cmd.sh"), ("conf", "egs/TEMPLATE/conf"), ("utils", "utils"),
+                         ("local", "egs/tedlium3_sa/local")]:
+        (root / name).symlink_to(REPO / target)
+    (root / "db.sh").write_text("TEDLIUM3=\n")
+    res = subprocess.run(["./pqm.sh", *ARGS], cwd=root, capture_output=True, text=True, timeout=1800,
+                         env=dict(os.environ))
+    assert res.returncode == 0, res.stderr[-5000:]
+    return root
+
+
+def test_the_demo_corpus_has_the_tedlium_layout_and_talks_are_speakers(recipe):
+    legacy = recipe / "downloads/demo/TEDLIUM_release-3/legacy"
+    assert sorted(p.name for p in legacy.iterdir()) == ["dev", "test", "train"]
+    assert list((legacy / "train/sph").glob("*.sph")) and list((legacy / "train/stm").glob("*.stm"))
+    seg = (recipe / "data/sa_test/segments").read_text().splitlines()
+    talks = {line.split()[1] for line in seg}
+    assert len(talks) == 2
+    utt2spk = dict(line.split() for line in (recipe / "data/sa_test/utt2spk").read_text().splitlines())
+    assert {utt2spk[line.split()[0]] for line in seg} == talks  # speaker = talk
+
+
+def test_stage_3_and_4_build_a_bpe_conformer_with_espnet(recipe):
+    base = recipe / "exp/conformer/base"
+    conf = yaml.safe_load((base / "config.yaml").read_text())
+    assert conf["encoder"] == "conformer" and conf["decoder"] == "transformer"
+    assert conf["token_type"] == "bpe" and conf["model_conf"]["ctc_weight"] == 0.3
+    assert len(conf["token_list"]) == 30
+    assert conf["encoder_conf"]["use_cnn_module"]  # the convolution module, with its BatchNorm
+    assert (recipe / "data/token_list/bpe_unigram30/tokens.txt").is_file()
+    log = (recipe / "exp/conformer/base_train/train.log").read_text()
+    assert "1epoch results" in log  # ESPnet's trainer ran an epoch
+
+
+def test_stages_5_to_8_give_the_conformer_table_on_tedlium(recipe):
+    res = json.loads((recipe / "exp/conformer/results.json").read_text())
+    assert res["model"] == "conformer" and res["corpus"] == "tedlium3_sa"
+    systems = res["systems"]
+    for name in ("fp", "nf4", "int4", "lora_pretrained"):
+        assert 0.0 <= systems[name]["wer"]
+    for name in ("lora_scratch", "pqm"):
+        assert sorted(systems[name], key=int) == ["2", "4"]
+    assert res["bytes"]["fp32"] / res["bytes"]["nf4"] > 5
+    adapters = sorted((recipe / "exp/conformer/adapt").glob("*/n*/*/adapter/adapter_model.safetensors"))
+    assert len(adapters) == 2 * 2 * 2  # inits x N x speakers
+    table = (recipe / "exp/conformer/RESULTS.md").read_text()
+    assert "conformer on tedlium3_sa" in table and "| pqm | 4 |" in table
+    dec = yaml.safe_load((REPO / "egs/TEMPLATE/conf/conformer/decode.yaml").read_text())
+    assert dec["ctc_weight"] > 0 and dec["beam_size"] > 1  # stage 8 ran the joint CTC/attention beam search
