@@ -329,6 +329,10 @@ def worker(job: Dict) -> Dict:
     if cuda:
         model.to("cuda")
         model.half()
+        # ESPnet runs the feature extraction outside autocast (ESPnetASRModel.encode): keep it in float32
+        for part in ("frontend", "normalize"):
+            if getattr(model, part, None) is not None:
+                getattr(model, part).float()
     cache = variant not in ("nf4_plain", "nf4_incr")
     set_dequant_cache(model.decoder if variant == "nf4_fast_dec" else model, cache and quantised,
                       dtype=torch.float16 if cuda else None)
