@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decode_speed import (DEMO, DEMO_EXP, ROOT, SENTENCES, cpu_name, load1, peak_rss_bytes,  # noqa: E402
-                          prepare, synth_utterances, wait_for_quiet)
+                          prepare, run_worker, synth_utterances, wait_for_quiet)
 
 N_UTTS = 20
 CONF = ROOT / "egs" / "TEMPLATE" / "conf"
@@ -149,14 +148,9 @@ def main(argv=None) -> None:
                 exp.mkdir()
                 for part in Path(spec["exp"]).iterdir():
                     (exp / part.name).symlink_to(part.resolve())
-                (work / "job.json").write_text(json.dumps(job))
-                proc = subprocess.run([sys.executable, __file__, "--worker", str(work / "job.json")],
-                                      capture_output=True, text=True)
-                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    print(f"# {init} {device} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                    continue
-                rows.append(json.loads(line[-1][len("RESULT "):]))
+                res = run_worker(__file__, job, work, f"{init} {device}")
+                if res is not None:
+                    rows.append(res)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"# CPU: {cpu_name()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
           f"GPU: {gpu}; torch {torch.__version__}")

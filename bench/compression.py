@@ -18,9 +18,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import logging
 import os
 import sys
@@ -78,16 +76,11 @@ def build_conformer(work: Path) -> torch.nn.Module:
 
 
 def build_whisper(work: Path, size: str) -> torch.nn.Module:
-    from espnet2.bin.whisper_export_vocabulary import export_vocabulary
+    from decode_speed import whisper_token_list  # bench/ is on sys.path when a bench script runs
 
     from pqm_ext.tasks.pqm_asr import PQMASRTask
 
-    token_list = work / "whisper_en.txt"
-    if not token_list.is_file():
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            export_vocabulary(output="-", whisper_model="whisper_en")
-        token_list.write_text(buf.getvalue(), encoding="utf-8")
+    token_list = whisper_token_list(work)
     dims = {"dims": WHISPER_DIMS[size]}
     conf = {**WHISPER, "encoder_conf": {**WHISPER["encoder_conf"], **dims},
             "decoder_conf": {**WHISPER["decoder_conf"], **dims}}

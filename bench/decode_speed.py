@@ -156,6 +156,18 @@ def weight_bytes(model) -> Dict[str, int]:
     return {"weights": total, "cache": cache}
 
 
+def run_worker(script: str, job: Dict, work: Path, label: str) -> Optional[Dict]:
+    """Run ``script --worker job.json`` in a fresh process (its own peak memory); its RESULT, or None
+    after printing why it failed."""
+    (work / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, script, "--worker", str(work / "job.json")], capture_output=True, text=True)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        print(f"# {label} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[-1][len("RESULT "):])
+
+
 # --------------------------------------------------------------------------- preparation (main process)
 def whisper_token_list(work: Path) -> Path:
     from espnet2.bin.whisper_export_vocabulary import export_vocabulary
@@ -515,14 +527,10 @@ def main(argv=None) -> None:
                     job = {"spec": spec, "model": model, "variant": variant, "device": device,
                            "batches": batches, "n1": a.n1, "steps": a.steps, "double_quant": a.double_quant,
                            "repeats": a.repeats}
-                    (work / "job.json").write_text(json.dumps(job))
-                    proc = subprocess.run([sys.executable, __file__, "--worker", str(work / "job.json")],
-                                          capture_output=True, text=True)
-                    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                    if proc.returncode or not line:
-                        print(f"# {model} {device} {variant} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                    res = run_worker(__file__, job, work, f"{model} {device} {variant}")
+                    if res is None:
                         continue
-                    rows = json.loads(line[-1][len("RESULT "):])["results"]
+                    rows = res["results"]
                     results += rows
                     print(f"# done {model} {device} {variant}: " + ", ".join(
                         f"batch {r['batch']} {r['tok_s']:.1f} tok/s" for r in rows), file=sys.stderr, flush=True)

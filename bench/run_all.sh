@@ -32,9 +32,9 @@ if [ "${device}" = cuda ]; then
     run adapt_cost 120 adapt_cost.py --device cuda --wait_load 1000
 else
     run compression 3600 compression.py
-    run decode_speed 3600 decode_speed.py --device cpu --json "${out}/decode_speed.json"
-    run decode_speed_dq 3600 decode_speed.py --device cpu --models whisper_base conformer \
-        --variants fp nf4_fast nf4_lora nf4_lora_fold --double_quant
-    run multi_speaker 3600 multi_speaker.py --device cpu --demo_identity
-    run adapt_cost 3600 adapt_cost.py --device cpu
+    run decode_speed 3600 decode_speed.py --device cpu --variants fp nf4_plain nf4_fast nf4_lora nf4_lora_fold \
+        --n1 2 --wait_load 1000 --json "${out}/decode_speed.json"
+    run identity 3600 decode_speed.py --identity 1 --identity_limit 3
+    run multi_speaker 3600 multi_speaker.py --device cpu --wait_load 1000
+    run adapt_cost 3600 adapt_cost.py --device cpu --wait_load 1000
 fi
