@@ -53,14 +53,8 @@ WHISPER_DIMS = {
     "base": dict(n_mels=80, n_vocab=51864, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6,
                  n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6),
 }
-WHISPER = {
-    "frontend": None, "input_size": 1, "normalize": None, "specaug": None,
-    "encoder": "pqm_whisper", "encoder_conf": {"dropout_rate": 0.0, "do_pad_trim": False},
-    "decoder": "pqm_whisper", "decoder_conf": {"dropout_rate": 0.0},
-    "model_conf": {"ctc_weight": 0.0, "lsm_weight": 0.1, "length_normalized_loss": False,
-                   "sym_sos": "<|startoftranscript|>", "sym_eos": "<|endoftext|>"},
-    "token_type": "whisper_en", "bpemodel": "whisper_en",
-}
+# The recipe's Whisper model config (stage 4 fills in the dims from the checkpoint).
+WHISPER = yaml.safe_load((Path(__file__).resolve().parents[1] / "egs/TEMPLATE/conf/whisper/model.yaml").read_text())
 
 
 def build_conformer(work: Path) -> torch.nn.Module:

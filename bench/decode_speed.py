@@ -54,6 +54,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import yaml
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -73,14 +75,8 @@ CONFORMER_LORA = ["self_attn.linear_q", "self_attn.linear_k", "self_attn.linear_
                   "feed_forward.w_1", "feed_forward.w_2", "feed_forward_macaron.w_1", "feed_forward_macaron.w_2"]
 WHISPER_BASE_DIMS = dict(n_mels=80, n_vocab=51864, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8,
                          n_audio_layer=6, n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6)
-WHISPER_CONF = {
-    "frontend": None, "input_size": 1, "normalize": None, "specaug": None,
-    "encoder": "pqm_whisper", "encoder_conf": {"dropout_rate": 0.0, "do_pad_trim": False, "pad_to_seconds": 8.0},
-    "decoder": "pqm_whisper", "decoder_conf": {"dropout_rate": 0.0},
-    "model_conf": {"ctc_weight": 0.0, "lsm_weight": 0.1, "length_normalized_loss": False,
-                   "sym_sos": "<|startoftranscript|>", "sym_eos": "<|endoftext|>"},
-    "token_type": "whisper_en", "bpemodel": "whisper_en",
-}
+# The recipe's Whisper model config (stage 4 fills in the dims from the checkpoint).
+WHISPER_CONF = yaml.safe_load((ROOT / "egs/TEMPLATE/conf/whisper/model.yaml").read_text())
 MB = 1e6
 
 
