@@ -269,8 +269,9 @@ def speech(synth):
 # ---- a live Slurm (tests marked slurm: test_launch_slurm.py, test_recipe.py) ----
 
 @pytest.fixture(scope="session")
-def slurm():
-    """SLURM_CONF of a running single-node Slurm; started (and stopped afterwards) unless it already ran."""
+def slurm(request):
+    """SLURM_CONF of a running single-node Slurm; started (and stopped afterwards) unless it already ran.
+    Says so on the terminal (not captured): the CI log shows the tests ran against a live slurmctld."""
     if os.environ.get("PQM_TEST_SLURM") != "1":
         pytest.skip("needs a live Slurm: set PQM_TEST_SLURM=1 (runs tools/local_slurm.sh start; root, apt)")
     script = str(Path(__file__).resolve().parents[1] / "tools/local_slurm.sh")
@@ -280,6 +281,10 @@ def slurm():
     conf = re.search(r"export SLURM_CONF=(\S+)", res.stdout)[1]
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = conf
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
+    assert "UP" in ping.stdout, ping.stdout + ping.stderr
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(f"\n[live Slurm] SLURM_CONF={conf}; scontrol ping: {ping.stdout.strip()}")
     yield conf
     if old is None:
         os.environ.pop("SLURM_CONF")
