@@ -200,7 +200,6 @@ def synth_utterances(work: Path, n: int) -> List[str]:
 def prepare(work: Path, models: List[str], n_utts: int, need_fp: bool = True) -> Dict:
     """Model configs/dirs and the utterances, shared by the workers (``need_fp=False``: the NF4 Whisper
     tiny.en alone is needed, so the demo's NF4 model is used even without its full-precision base)."""
-    import yaml
 
     spec: Dict = {"work": str(work)}
     # utterances
@@ -414,9 +413,7 @@ def identity_on_demo(beam: int, limit: int = 0) -> str:
     """Demo test set through Speech2Text (the recipe's decoding config, with ``beam``): fast path
     (incremental decoder + dequantisation cache) vs plain path (ESPnet's full recomputation, no cache),
     for NF4 and for NF4 + each speaker's own stage-7 adapter. Returns a summary line."""
-    import yaml
 
-    from pqm_ext.asr.batch_decode import utterance_maxlenratio
     from pqm_ext.asr.recognizer import Recognizer
     from pqm_ext.data.audio import read_audio
     from pqm_ext.data.kaldi_dir import read_data_dir
@@ -447,7 +444,7 @@ def identity_on_demo(beam: int, limit: int = 0) -> str:
                 rec.use_adapter(dirs[spk])
             for utt in utts[: limit or None]:
                 wav = read_audio(data.wav_scp[utt])[0]
-                rec.s2t.maxlenratio = utterance_maxlenratio(rec, len(wav))  # the recipe's per-utterance guard
+                rec.s2t.maxlenratio = rec.maxlenratio(len(wav))  # the recipe's per-utterance guard
                 set_dequant_cache(rec.model, True)
                 rec.model.decoder.incremental = True
                 t0 = time.perf_counter()

@@ -186,13 +186,10 @@ class NotGreedyError(ValueError):
 
 
 def utterance_maxlenratio(rec, n_samples: int) -> float:
-    """The length guard ``rec`` applies to an utterance of ``n_samples``: a ``Recognizer``'s
-    per-utterance ``max_tokens_per_second`` (the same arithmetic as its ``__call__``), else
-    ``Speech2Text.maxlenratio``."""
-    per_second = getattr(rec, "max_tokens_per_second", None)
-    if per_second:
-        seconds = n_samples / 16000
-        return per_second * seconds / rec._encoder_frames(seconds)
+    """The length guard ``rec`` applies to an utterance of ``n_samples``: a ``Recognizer``'s own
+    (``Recognizer.maxlenratio``), or a plain ``Speech2Text``'s ``maxlenratio``."""
+    if hasattr(rec, "maxlenratio") and callable(rec.maxlenratio):
+        return rec.maxlenratio(n_samples)
     return float(_speech2text(rec).maxlenratio)
 
 

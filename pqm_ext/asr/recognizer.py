@@ -67,10 +67,16 @@ class Recognizer:
             return 1500.0
         return max(seconds, getattr(encoder, "pad_to_seconds", 0.0)) * 50  # Whisper: 50 frames/s
 
+    def maxlenratio(self, n_samples: int, sample_rate: int = 16000) -> float:
+        """ESPnet's ``maxlenratio`` for an utterance of ``n_samples``: ``max_tokens_per_second`` of its
+        unpadded audio when set, else the decoding config's own."""
+        if not self.max_tokens_per_second:
+            return float(self.s2t.maxlenratio)
+        seconds = n_samples / sample_rate
+        return self.max_tokens_per_second * seconds / self._encoder_frames(seconds)
+
     @torch.no_grad()
     def __call__(self, speech: np.ndarray, sample_rate: int = 16000) -> str:
-        if self.max_tokens_per_second:
-            seconds = len(speech) / sample_rate
-            self.s2t.maxlenratio = self.max_tokens_per_second * seconds / self._encoder_frames(seconds)
+        self.s2t.maxlenratio = self.maxlenratio(len(speech), sample_rate)
         results = self.s2t(speech)
         return results[0][0] if results else ""
