@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -60,6 +61,42 @@ def test_stage_3_and_4_build_a_bpe_conformer_with_espnet(recipe):
     assert (recipe / "data/token_list/bpe_unigram30/tokens.txt").is_file()
     log = (recipe / "exp/conformer/base_train/train.log").read_text()
     assert "1epoch results" in log  # ESPnet's trainer ran an epoch
+    # the base carries its own sentencepiece model, so it decodes the same from any recipe
+    assert conf["bpemodel"] == "exp/conformer/base/bpe.model"
+    assert (base / "bpe.model").read_bytes() == (recipe / "data/token_list/bpe_unigram30/bpe.model").read_bytes()
+
+
+def test_an_imported_espnet_model_keeps_its_own_bpe_model(recipe, tmp_path, monkeypatch):
+    """--pretrained_model from another recipe: its config's relative bpemodel path also exists in the
+    importing recipe, but holds that corpus' BPE model; the import must take the model's own."""
+    from pqm_ext.bin.make_bpe import make_bpe
+    from pqm_ext.bin.train_base import export
+    from pqm_ext.utils.errors import InputError
+
+    pack = tmp_path / "other_recipe"
+    (pack / "exp").mkdir(parents=True)
+    shutil.copytree(recipe / "exp/conformer/base_train", pack / "exp/asr_train",
+                    ignore=shutil.ignore_patterns("*epoch.pth", "checkpoint.pth", "*.log"))
+    own = pack / "data/token_list/bpe_unigram30/bpe.model"
+    own.parent.mkdir(parents=True)
+    shutil.copy(recipe / "data/token_list/bpe_unigram30/bpe.model", own)
+    here = tmp_path / "this_recipe"  # same relative path, a BPE model trained on other text
+    reversed_text = here / "text"
+    reversed_text.parent.mkdir()
+    reversed_text.write_text("".join(f"u{i} {' '.join(w[::-1] for w in line.split()[1:])}\n" for i, line in
+                                     enumerate((recipe / "data/pretrain/text").read_text().splitlines())))
+    make_bpe(reversed_text, 30, here / "data/token_list/bpe_unigram30")
+    monkeypatch.chdir(here)
+
+    export(pack / "exp/asr_train", Path("exp/base"))
+    conf = yaml.safe_load((here / "exp/base/config.yaml").read_text())
+    assert conf["bpemodel"] == "exp/base/bpe.model"
+    assert (here / "exp/base/bpe.model").read_bytes() == own.read_bytes()
+
+    own.unlink()  # only the wrong one is left: refused, nothing written
+    with pytest.raises(InputError, match=r"config.yaml: bpemodel .* does not match token_list"):
+        export(pack / "exp/asr_train", Path("exp/base2"))
+    assert not (here / "exp/base2").exists()
 
 
 def test_stages_5_to_8_give_the_conformer_table_on_tedlium(recipe):

@@ -6,6 +6,10 @@ averaged model ESPnet writes is then exported to ``<out>`` (config.yaml + model.
 size report). ``--pretrained_model DIR`` imports an ESPnet model directory (config.yaml and a
 ``*.pth`` state dict, read with ``weights_only=True``) instead of training.
 
+The sentencepiece model travels into ``<out>`` too: ESPnet's config names it by a path relative to
+the recipe that trained it, and in another recipe that path may hold a different corpus' BPE model
+(same file name, other pieces), which would turn every transcript into the wrong token ids.
+
 Usage:
     python -m pqm_ext.bin.train_base --config conf/conformer/model.yaml --train_config conf/conformer/train.yaml \
         --token_list data/token_list/bpe_unigram300/tokens.txt --bpemodel data/token_list/bpe_unigram300/bpe.model \
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,6 +64,45 @@ def model_file_of(model_dir: Path) -> Path:
     return found[-1]
 
 
+SPECIAL_TOKENS = {"<blank>", "<unk>", "<sos/eos>"}
+
+
+def find_bpemodel(bpemodel: str, config: Path) -> Path:
+    """The sentencepiece model a config names: relative paths are tried against the model directory
+    and its parents first (the recipe that trained it), then the current directory."""
+    path = Path(bpemodel)
+    candidates = [path] if path.is_absolute() else \
+        [d / path for d in [config.parent, *config.parent.resolve().parents]] + [Path.cwd() / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise InputError(config, f"bpemodel {bpemodel} not found next to the model or in {Path.cwd()}")
+
+
+def check_bpemodel(bpemodel: Path, token_list, config: Path) -> None:
+    """Refuse a sentencepiece model whose pieces do not cover the model's token list."""
+    import sentencepiece as spm
+
+    if isinstance(token_list, str):  # a token list file instead of ESPnet's inline list
+        token_list = Path(token_list).read_text(encoding="utf-8").split()
+    sp = spm.SentencePieceProcessor(model_file=str(bpemodel))
+    pieces = {sp.id_to_piece(i) for i in range(sp.get_piece_size())}
+    unknown = [t for t in token_list if t not in SPECIAL_TOKENS and t not in pieces]
+    if unknown:
+        raise InputError(config, f"bpemodel {bpemodel} does not match token_list: {len(unknown)} tokens are not "
+                                 f"among its pieces (e.g. {unknown[:5]}); it belongs to another model")
+
+
+def bundle_bpemodel(args: argparse.Namespace, config: Path, tmp: Path, out: Path) -> None:
+    """Copy a BPE model's sentencepiece file into the base directory and point the config at it."""
+    if getattr(args, "token_type", None) != "bpe" or not getattr(args, "bpemodel", None):
+        return
+    src = find_bpemodel(args.bpemodel, config)
+    check_bpemodel(src, args.token_list, config)
+    shutil.copy(src, tmp / "bpe.model")
+    args.bpemodel = str(out / "bpe.model")
+
+
 def export(train_dir: Path, out: Path) -> Path:
     """Build the model from ESPnet's config.yaml, load its best weights, write the base directory."""
     from pqm_ext.tasks.pqm_asr import PQMASRTask
@@ -77,6 +121,7 @@ def export(train_dir: Path, out: Path) -> Path:
     except RuntimeError as e:
         raise InputError(weights, f"model file does not fit {config}: {e}") from e
     with atomic_dir(out, overwrite=True) as tmp:
+        bundle_bpemodel(args, config, tmp, out)
         save_fp_model(model, tmp / MODEL_FILE, extra={"source": str(weights)})
         dump_config(args, tmp / "config.yaml")
         write_size_report(size_report(model, method="fp32", storage_dtype="float32"), tmp)
