@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,46 @@ def test_stages_5_to_8_give_the_conformer_table_on_tedlium(recipe):
     assert "conformer on tedlium3_sa" in table and "| pqm | 4 |" in table
     dec = yaml.safe_load((REPO / "egs/TEMPLATE/conf/conformer/decode.yaml").read_text())
     assert dec["ctc_weight"] > 0 and dec["beam_size"] > 1  # stage 8 ran the joint CTC/attention beam search
+
+
+def test_early_stopping_holds_out_the_last_utterances_and_keeps_the_best_epoch(recipe, tmp_path):
+    """--valid_fraction: the adapter trains on the first utterances, is validated on the held-out rest, and the
+    epoch with the lowest held-out loss is the one saved (a learning rate far too high makes it an early one)."""
+    import torch
+    from pqm_ext.lora.io import read_adapter
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    for name in ("nf4", "lora_pretrain"):
+        (exp / name).symlink_to(recipe / "exp/conformer" / name)
+    split = sorted((recipe / "data/sa_splits").glob("*.adapt"))[0]
+    spk, order = split.stem, split.read_text().split()
+    res = subprocess.run(
+        [sys.executable, "-m", "pqm_ext.bin.adapt_speakers", "--exp_dir", str(exp), "--data", "dump/raw/sa_adapt",
+         "--splits", "data/sa_splits", "--speakers", spk, "--nutts", "4", "--inits", "pretrained",
+         "--config", "pretrained=conf/lora_trainer.yaml,conf/conformer/adapt_pretrained.yaml",
+         "--train_args", "--max_epoch 4 --batch_size 1 --optim_conf lr=3.0", "--valid_fraction", "0.5", "--keep_checkpoints"],
+        cwd=recipe, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = exp / "adapt/pretrained/n4" / spk
+    utts = {part: {line.split()[0] for line in (out / part / "text").read_text().splitlines()}
+            for part in ("data", "data_valid")}
+    assert utts == {"data": set(order[:2]), "data_valid": set(order[2:4])}
+
+    stats = torch.load(out / "train/checkpoint.pth", map_location="cpu", weights_only=False)["reporter"]["stats"]
+    valid_loss = {e: float(s["valid"]["loss"]) for e, s in stats.items()}
+    best = min(valid_loss, key=valid_loss.get)
+    assert best < 4, valid_loss  # the test needs an early best epoch to tell "best" from "last"
+    tensors, meta = read_adapter(out / "adapter")
+    info = json.loads(meta["pqm_info"])
+    assert (info["epochs"], info["max_epoch"], info["trained_on"], info["held_out"]) == (best, 4, 2, 2)
+    last = torch.load(out / "train/latest.pth", map_location="cpu")
+    differs = 0
+    for key, value in tensors.items():
+        saved = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        differs += not torch.equal(value, last[saved].to(value.dtype))
+    assert differs > 0  # not the last epoch's adapter...
+    best_file = torch.load(out / "train/valid.loss.best.pth", map_location="cpu")
+    for key, value in tensors.items():  # ...but the best one's, tensor for tensor
+        saved = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        assert torch.equal(value, best_file[saved].to(value.dtype)), key

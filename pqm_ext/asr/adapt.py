@@ -3,9 +3,13 @@
 For each speaker the first N utterances of ``data/sa_splits/<spk>.adapt`` are the adaptation
 set. ``scratch`` trains a fresh adapter; ``pretrained`` (PQM) starts from the multi-speaker
 pretrained LoRA; ``semi`` is PQM trained on pseudo-labels (a teacher's decoding, any ``text``
-file) instead of the references — the paper's semi-supervised variant. Training runs a fixed
-number of epochs; ESPnet's validation set (it requires one) is the first two adaptation
-utterances, whose loss is only logged — no test data is ever seen.
+file) instead of the references — the paper's semi-supervised variant.
+
+ESPnet's trainer needs a validation set. By default it is the first two adaptation utterances
+(also trained on), whose loss is only logged, and the last epoch's adapter is kept. With
+``valid_fraction`` f > 0 the last max(1, round(f*N)) of the N utterances are held out instead: the
+adapter trains on the rest and the epoch with the lowest held-out loss is kept (early stopping: a
+speaker the base already recognises is not over-trained). No test data is ever seen.
 
 Every (speaker, N, init) is a unit of work: skipped when its adapter exists, and a failure is
 recorded while the other units go on.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 import traceback
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from pqm_ext.asr.layout import ExpLayout
 from pqm_ext.asr.train import ADAPTER, train_adapter
@@ -26,6 +30,17 @@ from pqm_ext.utils.fileio import atomic_dir
 logger = logging.getLogger(__name__)
 INITS = ("scratch", "pretrained", "semi")
 VALID_UTTS = 2
+
+
+def split_train_valid(utts: Sequence[str], valid_fraction: float) -> Tuple[List[str], List[str]]:
+    """(training, validation) utterances of one adaptation set; see the module docstring."""
+    utts = list(utts)
+    if valid_fraction <= 0:
+        return utts, utts[:VALID_UTTS]
+    k = max(1, round(valid_fraction * len(utts)))
+    if k >= len(utts):
+        raise ValueError(f"valid_fraction {valid_fraction} holds out all {len(utts)} adaptation utterances")
+    return utts[:-k], utts[-k:]
 
 
 def read_split(path: Path) -> List[str]:
@@ -56,7 +71,7 @@ def adaptation_set(data: DataDir, utts: Sequence[str], labels: Optional[Dict[str
 def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, nutts: Sequence[int],
                   inits: Sequence[str], configs: Dict[str, List[str]], pseudo_text: Optional[Path] = None,
                   ngpu: int = 0, seed: int = 0, keep_checkpoints: bool = False,
-                  train_args: Sequence[str] = ()) -> List[str]:
+                  train_args: Sequence[str] = (), valid_fraction: float = 0.0) -> List[str]:
     """Train every (N, init) adapter of ``spk``; return failures as human-readable lines."""
     order = read_split(Path(splits_dir) / f"{spk}.adapt")
     labels = read_labels(Path(pseudo_text)) if pseudo_text and "semi" in inits else None
@@ -72,17 +87,20 @@ def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, 
             try:
                 if init == "semi" and labels is None:
                     raise ValueError("init 'semi' needs pseudo-labels (--pseudo_text)")
+                train_utts, valid_utts = split_train_valid(order[:n], valid_fraction)
                 subset = adaptation_set(data, order[:n], labels if init == "semi" else None, pseudo_text)
                 data_dir, valid_dir = out / "data", out / "data_valid"
-                for path, part in ((data_dir, subset), (valid_dir, subset.subset(order[:VALID_UTTS]))):
+                for path, part in ((data_dir, subset.subset(train_utts)), (valid_dir, subset.subset(valid_utts))):
                     if not (path / "utt2num_samples").is_file():
                         with atomic_dir(path, overwrite=True) as tmp:
                             part.write(tmp)
                 init_adapter = str(layout.pretrain / ADAPTER) if init in ("pretrained", "semi") else None
-                info = {"speaker": spk, "n_utts": n, "init": init,
+                info = {"speaker": spk, "n_utts": n, "init": init, "trained_on": len(train_utts),
+                        "held_out": len(valid_utts) if valid_fraction > 0 else 0,
                         "labels": str(pseudo_text) if init == "semi" else "reference"}
+                select = {"adapter_select": "best"} if valid_fraction > 0 else None
                 train_adapter(layout.quantized(), configs[init], data_dir, valid_dir, out, init_adapter=init_adapter,
-                              ngpu=ngpu, seed=seed, info=info, extra_args=list(train_args))
+                              ngpu=ngpu, seed=seed, info=info, overrides=select, extra_args=list(train_args))
                 if not keep_checkpoints:
                     for ckpt in (out / "train").glob("*.pth"):
                         ckpt.unlink()

@@ -39,6 +39,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngpu", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep_checkpoints", action="store_true")
+    p.add_argument("--valid_fraction", type=float, default=0.0,
+                   help="hold out this fraction of the N utterances (at least 1) and keep the epoch with the lowest "
+                        "held-out loss (early stopping); 0: train on all N, keep the last epoch")
     p.add_argument("--train_args", default="", help="extra ESPnet trainer options, e.g. '--max_epoch 1'")
     return p
 
@@ -56,6 +59,8 @@ def speakers_of(values):
 @entry_point
 def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
+    if not 0 <= a.valid_fraction < 1:
+        raise SystemExit(f"adapt_speakers: --valid_fraction must be in [0, 1), not {a.valid_fraction}")
     configs = dict(c.split("=", 1) for c in a.config)
     configs.setdefault("semi", configs.get("pretrained"))  # PQM on pseudo-labels trains like PQM
     missing = [i for i in a.inits if not configs.get(i)]
@@ -71,7 +76,7 @@ def main(argv=None) -> None:
     for spk in speakers:
         failures += adapt_speaker(layout, spk, data, Path(a.splits), a.nutts, a.inits,
                                   {k: v.split(",") for k, v in configs.items()}, a.pseudo_text, a.ngpu, a.seed,
-                                  a.keep_checkpoints, shlex.split(a.train_args))
+                                  a.keep_checkpoints, shlex.split(a.train_args), a.valid_fraction)
     if failures:
         logging.error("failed units:\n  %s", "\n  ".join(failures))
         sys.exit(1)

@@ -1,10 +1,12 @@
 """ESPnet's ASR task with NF4 quantisation and peft LoRA, without forking ESPnet.
 
-``PQMASRTask`` is ``ASRTask`` plus four options, all saved in ``config.yaml`` like ESPnet's own:
+``PQMASRTask`` is ``ASRTask`` plus options saved in ``config.yaml`` like ESPnet's own:
 ``--base_model_file`` (the frozen base: a quantised or full-precision model file),
 ``--quant_conf`` (a ``QuantConfig``; applied when the base is full precision), ``--lora_conf``
-(an ``AdapterConfig``; its absence means no adapter) and ``--init_adapter`` (initialise LoRA from
-a saved adapter, e.g. the multi-speaker pretrained one). Training, checkpointing, resuming and
+(an ``AdapterConfig``; its absence means no adapter), ``--init_adapter`` (initialise LoRA from
+a saved adapter, e.g. the multi-speaker pretrained one) and ``--adapter_out/_info/_select`` (where
+the trained adapter is saved, what its metadata records, and whether the last or the best epoch's).
+Training, checkpointing, resuming and
 ``Speech2Text`` decoding stay ESPnet's.
 
 For Whisper targets (``token_type: whisper_en``), the preprocessor writes the transcript as Whisper
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
+import torch
 
 from espnet2.tasks.asr import ASRTask
 from espnet2.train.trainer import Trainer
@@ -52,11 +56,31 @@ class _WhisperTargets:
         return self.inner(uid, data)
 
 
+def restore_best_adapter(model: torch.nn.Module, output_dir: Path, criterion) -> int:
+    """Load the LoRA weights of ESPnet's best epoch by ``criterion`` into ``model``; return that epoch.
+
+    ESPnet links ``<phase>.<key>.best.pth`` to the best epoch's model file and keeps that file (it is
+    among the n best); only the adapter's tensors are taken from it, the frozen base is not reloaded.
+    """
+    phase, key, _ = criterion
+    best = Path(output_dir) / f"{phase}.{key}.best.pth"
+    if not best.exists():
+        raise RuntimeError(f"{best} is missing: no epoch was validated on {phase} {key}")
+    state = torch.load(best, map_location="cpu")
+    lora = {k: v for k, v in state.items() if "lora_A." in k or "lora_B." in k}
+    unexpected = model.load_state_dict(lora, strict=False).unexpected_keys
+    if not lora or unexpected:
+        raise RuntimeError(f"{best}: no LoRA weights for this model ({len(lora)} tensors, {len(unexpected)} unknown)")
+    return int(best.resolve().name[:-len("epoch.pth")])
+
+
 class AdapterExportTrainer(Trainer):
     """ESPnet's trainer; when training ends, the trained adapter is saved in peft's format.
 
     The model in memory is then the last epoch's (or, for a finished run that is resumed, the
-    checkpoint's), so exporting here avoids rebuilding it from ``latest.pth``.
+    checkpoint's), so exporting it avoids rebuilding it from ``latest.pth``. With ``adapter_select:
+    best`` the best epoch's LoRA weights by the first ``best_model_criterion`` are restored first:
+    early stopping on a held-out validation set, without stopping the run.
     """
 
     @classmethod
@@ -64,7 +88,12 @@ class AdapterExportTrainer(Trainer):
         super().run(model, *args, **kwargs)
         export = getattr(model, "pqm_adapter_export", None)
         if export and export.get("out"):
-            info = dict(export.get("info") or {}, epochs=kwargs["trainer_options"].max_epoch)
+            opts = kwargs["trainer_options"]
+            epoch = opts.max_epoch
+            if export.get("select") == "best":
+                epoch = restore_best_adapter(model, opts.output_dir, opts.best_model_criterion[0])
+                logger.info("restored the adapter of epoch %d (best %s)", epoch, ".".join(opts.best_model_criterion[0][:2]))
+            info = dict(export.get("info") or {}, epochs=epoch, max_epoch=opts.max_epoch)
             save_adapter(model, export["out"], model.pqm_adapter_config, info=info)
             logger.info("saved adapter to %s", export["out"])
 
@@ -93,6 +122,9 @@ class PQMASRTask(ASRTask):
                            help="Save the trained adapter here (peft format) when training ends")
         group.add_argument("--adapter_info", action=NestedDictAction, default=None,
                            help="Facts recorded in the saved adapter's metadata (speaker, N, init, ...)")
+        group.add_argument("--adapter_select", choices=("last", "best"), default="last",
+                           help="Save the last epoch's adapter, or the best epoch's by the first "
+                                "best_model_criterion (with a held-out validation set: early stopping)")
 
     @classmethod
     def build_model(cls, args: argparse.Namespace):
@@ -108,7 +140,8 @@ class PQMASRTask(ASRTask):
         if lora:
             model.pqm_adapter_config = AdapterConfig.from_dict(lora)
             model.pqm_adapter_export = {"out": getattr(args, "adapter_out", None),
-                                        "info": getattr(args, "adapter_info", None)}
+                                        "info": getattr(args, "adapter_info", None),
+                                        "select": getattr(args, "adapter_select", "last")}
             add_adapter(model, model.pqm_adapter_config)
             if getattr(args, "init_adapter", None):
                 load_adapter(model, args.init_adapter)
