@@ -57,6 +57,20 @@ def test_nj_larger_than_the_number_of_speakers(tmp_path):
     assert not (tmp_path / "recipe/exp/whisper/decode/log").exists()
 
 
+@pytest.mark.parametrize("args, datadir", [
+    ([], "data"),                                                  # Whisper: the 1 h demo pool
+    (["--model", "conformer"], "data_3h"),                         # a demo Conformer trained on its own 3 h pool
+    (["--model", "conformer", "--pretrained_model", "m"], "data"),  # an imported one only pretrains LoRA on it
+    (["--model", "conformer", "--datadir", "mine"], "mine"),
+])
+def test_which_data_dirs_a_demo_run_reads(tmp_path, args, datadir):
+    sa_test = tmp_path / "recipe" / datadir / "sa_test"
+    sa_test.mkdir(parents=True)
+    (sa_test / "spk2utt").write_text("a a-1 a-2\nb b-1\n")
+    res = pqm_sh(tmp_path, *args, "--stage", "8", "--stop_stage", "8", "--nj", "3")
+    assert res.returncode != 0 and "--nj 3 is larger than the number of target speakers (2)" in res.stderr
+
+
 def test_yaml_syntax_error_names_file_and_line(tmp_path):
     bad = tmp_path / "quant.yaml"
     bad.write_text("quant_conf:\n  method: nf4\n  blocksize: [64\n")

@@ -16,9 +16,11 @@ model=whisper              # whisper | conformer
 corpus=                    # name in result files: librispeech_sa | tedlium3_sa
 corpus_layout=             # demo corpus layout: librispeech | tedlium3
 corpus_dir=                # the real corpus (from db.sh); empty: synthesise the offline demo corpus
-demo_dir=downloads/demo    # where the demo corpus is synthesised
+demo_dir=                  # where the demo corpus is synthesised (default: downloads/demo)
 demo_opts=                 # options of python -m pqm_ext.bin.synth_demo_corpus
 data_opts=                 # options of local/data.sh
+datadir=                   # Kaldi data dirs (default: data)
+dumpdir=                   # formatted data dirs go to <dumpdir>/raw (default: dump)
 # Models
 model_config=              # default: conf/<model>/model.yaml
 whisper_checkpoint=        # openai-whisper checkpoint (e.g. base.en.pt); empty: bundled tiny.en
@@ -28,9 +30,11 @@ nbpe=300                   # conformer: sentencepiece vocabulary size
 quant=nf4                  # the quantised base that is adapted (conf/quant_<quant>.yaml)
 baselines="int4"           # other quantisations decoded for comparison (conf/quant_<b>.yaml)
 # Adaptation
-nutts="5 10 20"            # adaptation utterances per speaker (first N of data/sa_splits/<spk>.adapt)
+nutts="5 10 20"            # adaptation utterances per speaker (first N of <datadir>/sa_splits/<spk>.adapt)
 inits="scratch pretrained" # scratch | pretrained (PQM) | semi (PQM on pseudo-labels)
 pseudo_labels=false        # add the semi-supervised variant: the fp model decodes the adaptation data
+valid_fraction=0           # >0: hold out this fraction of a speaker's N utterances (at least 1) and keep the
+                           # adapter of the epoch with the lowest held-out loss (early stopping); 0: keep the last
 decode_config=             # default: conf/<model>/decode.yaml
 mixed_batch=0              # >0: greedy decoding in batches of this many utterances from different speakers,
                            # each with its own adapter (one job decodes all its speakers together)
@@ -38,9 +42,9 @@ lora_args=                 # extra ESPnet trainer options for stages 6-7 (e.g. "
 asr_args=                  # extra ESPnet trainer options for the Conformer base (stage 4)
 
 help_message="Usage: $0 [options]  (see the comments at the top of egs/TEMPLATE/pqm.sh)"
-options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts
+options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts datadir dumpdir
          model_config whisper_checkpoint pretrained_model base_train_config nbpe quant baselines nutts inits
-         pseudo_labels decode_config mixed_batch lora_args asr_args"
+         pseudo_labels valid_fraction decode_config mixed_batch lora_args asr_args"
 . utils/parse_options.sh
 [ $# -eq 0 ] || { log "unexpected argument: $1"; exit 1; }
 . ./path.sh
@@ -52,10 +56,19 @@ model_config=${model_config:-conf/$model/model.yaml}
 base_train_config=${base_train_config:-conf/$model/train.yaml}
 decode_config=${decode_config:-conf/$model/decode.yaml}
 [ "$pseudo_labels" = true ] && [[ " $inits " != *" semi "* ]] && inits="$inits semi"
+# The demo Conformer is trained from scratch on the demo pool; 1 h of it (enough for Whisper, which only
+# pretrains LoRA on it) leaves the decoder spelling words it heard once. Unless told otherwise it gets a 3 h
+# pool, in its own corpus, data and dump dirs, so both models' demos live side by side in one recipe.
+if [ -z "$corpus_dir" ] && [ $model = conformer ] && [ -z "$pretrained_model" ] && [ -z "$demo_opts" ]; then
+  demo_opts="--pool_per_speaker 180"
+  demo_dir=${demo_dir:-downloads/demo_3h}; datadir=${datadir:-data_3h}; dumpdir=${dumpdir:-dump_3h}
+fi
+demo_dir=${demo_dir:-downloads/demo}; datadir=${datadir:-data}; dumpdir=${dumpdir:-dump}
 exp=exp/$model
-dump=dump/raw
+data=$datadir
+dump=$dumpdir/raw
 run() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
-speakers() { cut -d' ' -f1 data/sa_test/spk2utt; }
+speakers() { cut -d' ' -f1 $data/sa_test/spk2utt; }
 # split_speakers N DIR: write DIR/spk.1 .. DIR/spk.N (round robin) and print N
 split_speakers() {
   local n=$1 dir=$2 total
@@ -73,18 +86,18 @@ if run 1; then
       --nj "$nj" $demo_opts
     corpus_dir=$demo_dir
   fi
-  local/data.sh --corpus "$corpus_dir" --seed "$seed" $data_opts
+  local/data.sh --corpus "$corpus_dir" --data_dir "$data" --seed "$seed" $data_opts
 fi
 
 if run 2; then
   log "Stage 2: format and validate data dirs into $dump"
   for x in pretrain dev sa_adapt sa_test; do
-    python -m pqm_ext.bin.format_data_dir data/$x $dump/$x --nj "$nj"
+    python -m pqm_ext.bin.format_data_dir $data/$x $dump/$x --nj "$nj"
   done
 fi
 
-if [ $model = whisper ]; then token_list=data/token_list/whisper_en/tokens.txt
-else token_list=data/token_list/bpe_unigram$nbpe/tokens.txt; fi
+if [ $model = whisper ]; then token_list=$data/token_list/whisper_en/tokens.txt
+else token_list=$data/token_list/bpe_unigram$nbpe/tokens.txt; fi
 
 if run 3; then
   log "Stage 3: token list $token_list"
@@ -93,7 +106,7 @@ if run 3; then
     python -m espnet2.bin.whisper_export_vocabulary --whisper_model whisper_en --output "$token_list.tmp"
     mv "$token_list.tmp" "$token_list"
   else
-    python -m pqm_ext.bin.make_bpe --text data/pretrain/text --nbpe "$nbpe" --out "$(dirname "$token_list")"
+    python -m pqm_ext.bin.make_bpe --text $data/pretrain/text --nbpe "$nbpe" --out "$(dirname "$token_list")"
   fi
 fi
 
@@ -149,8 +162,9 @@ if run 7; then
   split_speakers "$nspk" $exp/adapt/split >/dev/null
   # shellcheck disable=SC2086
   ${cuda_cmd} --gpu "$ngpu" --max_jobs_run "$nj" JOB=1:"$nspk" $exp/adapt/log/adapt.JOB.log \
-    python -m pqm_ext.bin.adapt_speakers --exp_dir $exp --quant $quant --data $dump/sa_adapt --splits data/sa_splits \
+    python -m pqm_ext.bin.adapt_speakers --exp_dir $exp --quant $quant --data $dump/sa_adapt --splits $data/sa_splits \
       --speakers @$exp/adapt/split/spk.JOB --nutts $nutts --inits $inits $pseudo_opt --ngpu "$ngpu" --seed "$seed" \
+      --valid_fraction "$valid_fraction" \
       --config scratch=conf/lora_trainer.yaml,conf/$model/adapt_scratch.yaml \
       --config pretrained=conf/lora_trainer.yaml,conf/$model/adapt_pretrained.yaml --train_args "$lora_args"
 fi
