@@ -65,10 +65,9 @@ if [ -z "$corpus_dir" ] && [ $model = conformer ] && [ -z "$pretrained_model" ] 
 fi
 demo_dir=${demo_dir:-downloads/demo}; datadir=${datadir:-data}; dumpdir=${dumpdir:-dump}
 exp=exp/$model
-data=$datadir
 dump=$dumpdir/raw
 run() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
-speakers() { cut -d' ' -f1 $data/sa_test/spk2utt; }
+speakers() { cut -d' ' -f1 $datadir/sa_test/spk2utt; }
 # split_speakers N DIR: write DIR/spk.1 .. DIR/spk.N (round robin) and print N
 split_speakers() {
   local n=$1 dir=$2 total
@@ -86,18 +85,18 @@ if run 1; then
       --nj "$nj" $demo_opts
     corpus_dir=$demo_dir
   fi
-  local/data.sh --corpus "$corpus_dir" --data_dir "$data" --seed "$seed" $data_opts
+  local/data.sh --corpus "$corpus_dir" --data_dir "$datadir" --seed "$seed" $data_opts
 fi
 
 if run 2; then
   log "Stage 2: format and validate data dirs into $dump"
   for x in pretrain dev sa_adapt sa_test; do
-    python -m pqm_ext.bin.format_data_dir $data/$x $dump/$x --nj "$nj"
+    python -m pqm_ext.bin.format_data_dir $datadir/$x $dump/$x --nj "$nj"
   done
 fi
 
-if [ $model = whisper ]; then token_list=$data/token_list/whisper_en/tokens.txt
-else token_list=$data/token_list/bpe_unigram$nbpe/tokens.txt; fi
+if [ $model = whisper ]; then token_list=$datadir/token_list/whisper_en/tokens.txt
+else token_list=$datadir/token_list/bpe_unigram$nbpe/tokens.txt; fi
 
 if run 3; then
   log "Stage 3: token list $token_list"
@@ -106,7 +105,7 @@ if run 3; then
     python -m espnet2.bin.whisper_export_vocabulary --whisper_model whisper_en --output "$token_list.tmp"
     mv "$token_list.tmp" "$token_list"
   else
-    python -m pqm_ext.bin.make_bpe --text $data/pretrain/text --nbpe "$nbpe" --out "$(dirname "$token_list")"
+    python -m pqm_ext.bin.make_bpe --text $datadir/pretrain/text --nbpe "$nbpe" --out "$(dirname "$token_list")"
   fi
 fi
 
@@ -162,7 +161,7 @@ if run 7; then
   split_speakers "$nspk" $exp/adapt/split >/dev/null
   # shellcheck disable=SC2086
   ${cuda_cmd} --gpu "$ngpu" --max_jobs_run "$nj" JOB=1:"$nspk" $exp/adapt/log/adapt.JOB.log \
-    python -m pqm_ext.bin.adapt_speakers --exp_dir $exp --quant $quant --data $dump/sa_adapt --splits $data/sa_splits \
+    python -m pqm_ext.bin.adapt_speakers --exp_dir $exp --quant $quant --data $dump/sa_adapt --splits $datadir/sa_splits \
       --speakers @$exp/adapt/split/spk.JOB --nutts $nutts --inits $inits $pseudo_opt --ngpu "$ngpu" --seed "$seed" \
       --valid_fraction "$valid_fraction" \
       --config scratch=conf/lora_trainer.yaml,conf/$model/adapt_scratch.yaml \

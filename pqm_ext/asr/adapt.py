@@ -95,12 +95,13 @@ def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, 
                         with atomic_dir(path, overwrite=True) as tmp:
                             part.write(tmp)
                 init_adapter = str(layout.pretrain / ADAPTER) if init in ("pretrained", "semi") else None
+                early_stopping = valid_fraction > 0
                 info = {"speaker": spk, "n_utts": n, "init": init, "trained_on": len(train_utts),
-                        "held_out": len(valid_utts) if valid_fraction > 0 else 0,
+                        "held_out": len(valid_utts) if early_stopping else 0,
                         "labels": str(pseudo_text) if init == "semi" else "reference"}
-                select = {"adapter_select": "best"} if valid_fraction > 0 else None
                 train_adapter(layout.quantized(), configs[init], data_dir, valid_dir, out, init_adapter=init_adapter,
-                              ngpu=ngpu, seed=seed, info=info, overrides=select, extra_args=list(train_args))
+                              ngpu=ngpu, seed=seed, info=info, extra_args=list(train_args),
+                              overrides={"adapter_select": "best" if early_stopping else "last"})
                 if not keep_checkpoints:
                     for ckpt in (out / "train").glob("*.pth"):
                         ckpt.unlink()
