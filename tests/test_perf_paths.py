@@ -195,6 +195,23 @@ def test_folded_adapter_equals_unmerged_adapter(rec, adapter_dirs, utterances):
     torch.testing.assert_close(layer(x), want)  # unfolded again
 
 
+def test_folded_copy_keeps_the_cache_dtype(rec, adapter_dirs):
+    """On a GPU the cache holds fp16 copies; the folded copy must too (one rounding, after the sum), not
+    the float32 that the 4-bit state dequantises to. bfloat16 stands in for fp16 on the CPU."""
+    rec.use_adapter(adapter_dirs["s2"])
+    layer = [m for n, m in lora_layers(rec.model) if n.endswith("encoders.blocks.0.attn.query")][0]
+    base = layer.get_base_layer()
+    want = (base.dequantize_weight() + layer.get_delta_weight("default")).to(torch.bfloat16)
+    set_dequant_cache(rec.model, True, dtype=torch.bfloat16)
+    try:
+        with torch.no_grad(), folded(rec.model, "default"):
+            assert layer.folded_weight.dtype == torch.bfloat16
+            torch.testing.assert_close(layer.folded_weight, want, rtol=0, atol=0)
+        assert "folded_weight" not in layer.__dict__
+    finally:
+        set_dequant_cache(rec.model, True)
+
+
 # --------------------------------------------------------------------------- stage 8
 def test_stage8_mixed_batch_gives_the_per_speaker_hypotheses(nf4_dir, adapter_dirs, utterances, tmp_path):
     import shutil

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pqm_ext.quant import QuantConfig, quantize_model
+from pqm_ext.quant import QuantConfig, quantize_model, set_dequant_cache
+from pqm_ext.quant.cache import as_input_dtype
 from pqm_ext.quant.layers import QuantConv, QuantEmbedding, QuantLinear
 from pqm_ext.quant.nf4 import NF4Linear, NF4Store, _params4bit_bytes, dequantize_params4bit
 from pqm_ext.quant.uniform import UniformStore
@@ -160,6 +161,29 @@ def test_nf4_layer_forward_uses_the_dequantised_weight():
     x = torch.randn(5, 240)
     # Unquantised parameters are rounded to the storage dtype (float16 by default).
     torch.testing.assert_close(net.layer(x), F.linear(x, ref_w, bias.half().float()), rtol=1e-6, atol=1e-6)
+
+
+def test_cached_nf4_layers_under_autocast_match_a_dense_linear():
+    """On a GPU the fast path runs fp16 copies under autocast, where inputs after a LayerNorm are float32.
+    The cached layers must then leave casting to autocast (no widening of the weight) and give what a
+    dense ``nn.Linear`` holding the dequantised weight gives: same dtype, same values. CPU autocast with
+    bfloat16 exercises the same code."""
+    layer = gaussian_layer("linear_cols_not_multiple_of_block")
+    net = OneLayer(layer)
+    quantize_model(net, QuantConfig())
+    set_dequant_cache(net, True, dtype=torch.bfloat16)
+    dense = torch.nn.Linear(240, layer.out_features)
+    with torch.no_grad():
+        dense.weight.copy_(net.layer.cached_weight())
+        dense.bias.copy_(net.layer.bias)
+    dense.to(torch.bfloat16)
+    x = torch.randn(5, 240)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert as_input_dtype(net.layer.cached_weight(), x) is net.layer.cached_weight()
+        got, want = net.layer(x), dense(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert net.layer(x).dtype == torch.float32  # without autocast: the input's dtype, as before
 
 
 # --------------------------------------------------------------------------- bitsandbytes CPU bug

@@ -35,7 +35,7 @@ from peft.tuners.lora import LoraLayer
 from pqm_ext.lora.config import AdapterConfig
 from pqm_ext.lora.inject import add_adapter
 from pqm_ext.lora.io import adapter_config_of, load_adapter
-from pqm_ext.quant.cache import DequantCacheMixin
+from pqm_ext.quant.cache import DequantCacheMixin, as_input_dtype
 
 IMPLS = ("batched", "peft")
 BASE = "__base__"
@@ -212,8 +212,8 @@ def folded(model: torch.nn.Module, adapter: Optional[str] = None) -> Iterator[in
 
     ``adapter``: the peft adapter name to fold (default: each layer's active adapter). ``W`` is the
     dequantised base weight (NF4/int layers) or the float weight; the layer's dequantisation cache
-    is dropped while the folded copy exists, so memory stays that of the cache. Yields the number
-    of folded layers.
+    is dropped while the folded copy exists (``layer.folded_weight``, in the cache's dtype), so memory
+    stays that of the cache. Yields the number of folded layers.
     """
     layers = lora_layers(model)
     n = 0
@@ -232,15 +232,21 @@ def folded(model: torch.nn.Module, adapter: Optional[str] = None) -> Iterator[in
                 else:
                     raise TypeError(f"cannot fold LoRA into a {type(base).__name__}")
                 w += layer.get_delta_weight(name).to(w.dtype)
-                layer.forward = _folded_forward(w, base.bias)
+                # Keep the copy in the cache's dtype (fp16 on a GPU), rounded once after the sum: the
+                # 4-bit state dequantises to the dtype it was quantised from (float32), and a float32
+                # copy would double the memory and be cast to fp16 again by autocast at every call.
+                cache_dtype = getattr(base, "dequant_cache_dtype", None)
+                layer.folded_weight = w if cache_dtype is None else w.to(cache_dtype)
+                layer.forward = _folded_forward(layer.folded_weight, base.bias)
                 n += 1
         yield n
     finally:
         for _, layer in layers:
             layer.__dict__.pop("forward", None)
+            layer.__dict__.pop("folded_weight", None)
 
 
 def _folded_forward(weight: torch.Tensor, bias: Optional[torch.Tensor]):
     def forward(x, *args, **kwargs):
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return F.linear(x, as_input_dtype(weight, x), as_input_dtype(bias, x))
     return forward

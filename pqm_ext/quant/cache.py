@@ -34,6 +34,19 @@ class DequantCacheMixin:
         self._dequant_cache = None
 
 
+def as_input_dtype(t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t`` (a weight or bias) in the dtype the product with ``x`` will run in.
+
+    Under autocast the weight is left alone: autocast casts both operands itself, and an fp16 copy is
+    already what float16 autocast wants, while ``x`` is often float32 there (after a LayerNorm), so
+    ``t.to(x.dtype)`` would widen the weight only for autocast to narrow it again, two extra kernels
+    per layer per decoding step.
+    """
+    if t is None or torch.is_autocast_enabled(x.device.type):
+        return t
+    return t.to(x.dtype)
+
+
 def set_dequant_cache(model: torch.nn.Module, enabled: bool, dtype: Optional[torch.dtype] = None) -> None:
     """Turn caching on/off (dropping current copies); ``dtype``: keep the copies in this dtype."""
     for m in model.modules():

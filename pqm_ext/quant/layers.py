@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pqm_ext.quant.cache import as_input_dtype
+
 
 class QuantLinear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, store: torch.nn.Module, bias=None):
@@ -24,8 +26,7 @@ class QuantLinear(torch.nn.Module):
         return self.store.cached_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return F.linear(x, as_input_dtype(self.weight, x), as_input_dtype(self.bias, x))
 
 
 class QuantEmbedding(torch.nn.Module):
@@ -62,8 +63,8 @@ class QuantConv(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = F.conv1d if self.dims == 1 else F.conv2d
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return conv(x, self.weight.to(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv(x, as_input_dtype(self.weight, x), as_input_dtype(self.bias, x), self.stride, self.padding,
+                    self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

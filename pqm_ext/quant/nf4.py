@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from bitsandbytes.nn import Params4bit
 
-from pqm_ext.quant.cache import DequantCacheMixin
+from pqm_ext.quant.cache import DequantCacheMixin, as_input_dtype
 
 
 class _Prequantized:
@@ -101,8 +101,7 @@ class NF4Linear(_Prequantized, DequantCacheMixin, bnb.nn.Linear4bit):
         # On the CPU bitsandbytes dequantises and multiplies too; doing it here avoids its kernel bug
         # (see dequantize_params4bit). On CUDA its fused 4-bit kernels run unless the cache is on.
         if self.dequant_cache_enabled or x.device.type == "cpu":
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.cached_weight().to(x.dtype), bias)
+            return F.linear(x, as_input_dtype(self.cached_weight(), x), as_input_dtype(self.bias, x))
         return super().forward(x)
 
 
