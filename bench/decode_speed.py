@@ -28,7 +28,9 @@ Variants (CPU; on a GPU fp16 replaces fp32 and runs under float16 autocast):
   nf4_lora_fold     nf4_lora with the adapter folded into the dequantised weights (W + B A s)
   nf4_lora_compile  nf4_lora with torch.compile on the decoder's step (CPU inductor; --compile)
 Each (model, device, variant) runs in its own process, so peak memory is its own: peak RSS on the CPU
-(VmHWM, reset before each run), torch.cuda.max_memory_allocated on a GPU. "weights MB" counts
+(VmHWM, reset before each run), torch.cuda.max_memory_allocated on a GPU. With --interleave all variants
+of a model share one process and are timed in rotating rounds: on a GPU, separate processes of the same
+variant were seen 1.3-1.5x apart, which swamps the ratios this benchmark is for. "weights MB" counts
 parameters, buffers and quantisation state; "cache MB" the dequantised copies held after the run.
 Times exclude one warm-up utterance (it fills the caches once per process, and compiles): "warm s".
 
@@ -52,7 +54,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
@@ -148,7 +150,8 @@ def weight_bytes(model) -> Dict[str, int]:
             if qs.nested:
                 total += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
     cache = dequant_cache_bytes(model)
-    cache += sum(getattr(m, "_bench_folded_bytes", 0) for m in model.modules())  # folded LoRA copies
+    cache += sum(m.folded_weight.numel() * m.folded_weight.element_size()  # folded LoRA copies
+                 for m in model.modules() if getattr(m, "folded_weight", None) is not None)
     return {"weights": total, "cache": cache}
 
 
@@ -314,97 +317,180 @@ def add_lora(model, targets, adapter_dir: Optional[str], seed: int = 0) -> str:
     return "random adapter, rank 4"
 
 
-def worker(job: Dict) -> Dict:
-    import numpy as np
-    import soundfile as sf
-    import torch
+class Variant:
+    """One (model, variant) ready to decode: the model built and set up, its contexts entered."""
 
-    from pqm_ext.asr.batch_decode import greedy_search, padded_length
-    from pqm_ext.lora.mixed import folded, lora_layers
-    from pqm_ext.quant import set_dequant_cache
+    def __init__(self, job: Dict, variant: str):
+        import torch
 
-    logging.disable(logging.WARNING)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    spec, name, variant, device = job["spec"], job["model"], job["variant"], job["device"]
-    cuda = device == "cuda"
-    quantised = variant != "fp"
-    model, primer, eos, ratio, targets, adapter_dir = build(spec, name, quantised, device, job.get("double_quant", False))
-    note = ""
-    if variant.startswith("nf4_lora"):
-        note = add_lora(model, targets, adapter_dir)
-    model.eval()
-    if cuda:
-        model.to("cuda")
-        model.half()
-        # ESPnet runs the feature extraction outside autocast (ESPnetASRModel.encode): keep it in float32
-        for part in ("frontend", "normalize"):
-            if getattr(model, part, None) is not None:
-                getattr(model, part).float()
-    cache = variant not in ("nf4_plain", "nf4_incr")
-    set_dequant_cache(model.decoder if variant == "nf4_fast_dec" else model, cache and quantised,
-                      dtype=torch.float16 if cuda else None)
-    if hasattr(model.decoder, "incremental"):
-        model.decoder.incremental = variant not in ("nf4_plain", "nf4_cache")
-    stack = contextlib.ExitStack()
-    if variant == "nf4_lora_fold":
-        stack.enter_context(folded(model))
-        for _, layer in lora_layers(model):
-            w = layer.get_base_layer()
-            layer._bench_folded_bytes = w.out_features * w.in_features * (2 if cuda else 4)
-    if variant == "nf4_lora_compile":
-        if hasattr(model.decoder, "_step"):
-            model.decoder._step = torch.compile(model.decoder._step, dynamic=True)
-        else:
-            model.decoder.forward_one_step = torch.compile(model.decoder.forward_one_step, dynamic=True)
-    if cuda:
-        stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+        from pqm_ext.lora.mixed import folded
+        from pqm_ext.quant import set_dequant_cache
 
-    wavs = [sf.read(p, dtype="float32")[0] for p in spec["wavs"]]
-    forced = job["steps"]
+        spec, name, device = job["spec"], job["model"], job["device"]
+        self.name, self.variant, self.device = name, variant, device
+        cuda = device == "cuda"
+        model, self.primer, self.eos, self.ratio, targets, adapter_dir = build(
+            spec, name, variant != "fp", device, job.get("double_quant", False))
+        self.note = add_lora(model, targets, adapter_dir) if variant.startswith("nf4_lora") else ""
+        model.eval()
+        if cuda:
+            model.to("cuda")
+            model.half()
+            # ESPnet runs the feature extraction outside autocast (ESPnetASRModel.encode): keep it in float32
+            for part in ("frontend", "normalize"):
+                if getattr(model, part, None) is not None:
+                    getattr(model, part).float()
+        cache = variant not in ("nf4_plain", "nf4_incr")
+        set_dequant_cache(model.decoder if variant == "nf4_fast_dec" else model, cache and variant != "fp",
+                          dtype=torch.float16 if cuda else None)
+        if hasattr(model.decoder, "incremental"):
+            model.decoder.incremental = variant not in ("nf4_plain", "nf4_cache")
+        self.stack = contextlib.ExitStack()
+        if variant == "nf4_lora_fold":
+            self.stack.enter_context(folded(model))
+        if variant == "nf4_lora_compile":
+            if hasattr(model.decoder, "_step"):
+                model.decoder._step = torch.compile(model.decoder._step, dynamic=True)
+            else:
+                model.decoder.forward_one_step = torch.compile(model.decoder.forward_one_step, dynamic=True)
+        if cuda:
+            self.stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+        self.stack.enter_context(torch.no_grad())
+        self.model, self.forced = model, job["steps"]
 
-    def run(utts: List[np.ndarray]):
+    def run(self, utts) -> Tuple[int, int]:
+        """Decode one batch; (tokens, decoder steps)."""
+        import torch
+
+        from pqm_ext.asr.batch_decode import greedy_search, padded_length
+
+        model = self.model
         width = padded_length(model, max(len(w) for w in utts)) or max(len(w) for w in utts)
         x = torch.zeros(len(utts), width)
         for i, w in enumerate(utts):
             x[i, : len(w)] = torch.from_numpy(w)
         n = torch.full((len(utts),), width, dtype=torch.long) if padded_length(model, 1) else \
             torch.tensor([len(w) for w in utts])
-        x, n = x.to(device), n.to(device)
-        ids, steps = greedy_search(model, x, n, primer=primer, eos=eos, maxlenratio=ratio, force_steps=forced)
+        x, n = x.to(self.device), n.to(self.device)
+        ids, steps = greedy_search(model, x, n, primer=self.primer, eos=self.eos, maxlenratio=self.ratio,
+                                   force_steps=self.forced)
         return sum(len(i) for i in ids), steps
 
-    results = []
-    with stack, torch.no_grad():
+    def run_all(self, utts, batch: int) -> Tuple[float, int, int]:
+        """Seconds, tokens and steps for ``utts`` in batches of ``batch``."""
+        import torch
+
+        cuda = self.device == "cuda"
         t0 = time.perf_counter()
-        run(wavs[:1])  # warm-up: fills the caches (and compiles)
+        tokens = steps = 0
+        for s in range(0, len(utts), batch):
+            tk, st = self.run(utts[s: s + batch])
+            tokens, steps = tokens + tk, steps + st
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, tokens, steps
+
+    def row(self, job: Dict, batch: int, utts, seconds: float, tokens: int, steps: int, peak: int,
+            peak_kind: str, warm_s: float, load) -> Dict:
+        audio = sum(len(w) for w in utts) / 16000
+        wb = weight_bytes(self.model)
+        return {"model": self.name, "device": self.device, "variant": self.variant, "batch": batch,
+                "utts": len(utts), "tokens": tokens, "steps": steps, "seconds": seconds, "audio_s": audio,
+                "rtf": seconds / audio, "tok_s": tokens / seconds, "weights": wb["weights"], "cache": wb["cache"],
+                "peak": peak, "peak_kind": peak_kind, "warmup_s": warm_s, "load": load, "note": self.note}
+
+
+def read_wavs(spec: Dict):
+    import soundfile as sf
+
+    return [sf.read(p, dtype="float32")[0] for p in spec["wavs"]]
+
+
+def batch_utts(wavs, job: Dict, batch: int):
+    return wavs[: (job["n1"] if batch == 1 else batch)]
+
+
+def worker(job: Dict) -> Dict:
+    """One variant in its own process: its peak memory is its own."""
+    import torch
+
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    cuda = job["device"] == "cuda"
+    v = Variant(job, job["variant"])
+    wavs = read_wavs(job["spec"])
+    results = []
+    with v.stack:
+        t0 = time.perf_counter()
+        v.run(wavs[:1])  # warm-up: fills the caches (and compiles)
         warm_s = time.perf_counter() - t0
         for batch in job["batches"]:
-            utts = wavs[: (job["n1"] if batch == 1 else batch)]
+            utts = batch_utts(wavs, job, batch)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             reset_peak_rss()
             load_before = load1()
-            times = []
-            for _ in range(job.get("repeats", 1)):  # the median of the repeats: short GPU runs are noisy
-                t0 = time.perf_counter()
-                tokens = steps = 0
-                for s in range(0, len(utts), batch):
-                    tk, st = run(utts[s: s + batch])
-                    tokens, steps = tokens + tk, steps + st
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            seconds = sorted(times)[len(times) // 2]
-            audio = sum(len(w) for w in utts) / 16000
-            wb = weight_bytes(model)
-            results.append({
-                "model": name, "device": device, "variant": variant, "batch": batch, "utts": len(utts),
-                "tokens": tokens, "steps": steps, "seconds": seconds, "audio_s": audio, "rtf": seconds / audio,
-                "tok_s": tokens / seconds, "weights": wb["weights"], "cache": wb["cache"],
-                "peak": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
-                "peak_kind": "cuda max allocated" if cuda else "peak RSS", "warmup_s": warm_s,
-                "load": [load_before, load1()], "note": note})
+            # the median of the repeats: short GPU runs are noisy
+            runs = [v.run_all(utts, batch) for _ in range(job.get("repeats", 1))]
+            seconds = sorted(r[0] for r in runs)[len(runs) // 2]
+            peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+            results.append(v.row(job, batch, utts, seconds, runs[0][1], runs[0][2], peak,
+                                 "cuda max allocated" if cuda else "peak RSS", warm_s, [load_before, load1()]))
+    return {"results": results}
+
+
+def interleaved_worker(job: Dict) -> Dict:
+    """All variants of one model in one process, timed in rounds (one pass of each variant per round,
+    the order rotated each round). Separate processes on a GPU differ by up to ~1.5x for the same
+    variant (clocks, host scheduling); within a round they share those conditions, so the ratios
+    compare like with like. Each variant's "x fp" is also reported as the median of its per-round
+    ratios. Peak memory here is what a variant's pass adds on top of everything resident (GPU only)."""
+    import torch
+
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    cuda = job["device"] == "cuda"
+    wavs = read_wavs(job["spec"])
+    variants, warm = [], {}
+    with contextlib.ExitStack() as outer:
+        for name in job["variants"]:
+            v = Variant(job, name)
+            outer.enter_context(v.stack)
+            t0 = time.perf_counter()
+            v.run(wavs[:1])
+            warm[name] = time.perf_counter() - t0
+            variants.append(v)
+        results = []
+        for batch in job["batches"]:
+            utts = batch_utts(wavs, job, batch)
+            active = [v for v in variants if batch == 1 or v.variant not in ATTRIBUTION]
+            times = {v.variant: [] for v in active}
+            peaks = {v.variant: 0 for v in active}
+            load_before = load1()
+            counts = {}
+            for r in range(job.get("repeats", 1)):
+                k = r % len(active)
+                for v in active[k:] + active[:k]:
+                    if cuda:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        resident = torch.cuda.memory_allocated()
+                    sec, tk, st = v.run_all(utts, batch)
+                    times[v.variant].append(sec)
+                    counts[v.variant] = (tk, st)
+                    if cuda:
+                        peaks[v.variant] = max(peaks[v.variant], torch.cuda.max_memory_allocated() - resident)
+            load = [load_before, load1()]
+            for v in active:
+                ts = times[v.variant]
+                row = v.row(job, batch, utts, sorted(ts)[len(ts) // 2], *counts[v.variant], peaks[v.variant],
+                            "cuda peak above resident" if cuda else "not measured (one process)", warm[v.variant],
+                            load)
+                if "fp" in times:
+                    ratios = sorted(t / f for t, f in zip(ts, times["fp"]))
+                    row["paired_x_fp"] = ratios[len(ratios) // 2]
+                results.append(row)
     return {"results": results}
 
 
@@ -483,6 +569,9 @@ def main(argv=None) -> None:
                    help="NF4 with double quantisation (random-weight models): smaller weights, same speed")
     p.add_argument("--wait_load", type=float, default=0.7, help="wait until the 1-min load is below this")
     p.add_argument("--max_wait", type=float, default=2700.0)
+    p.add_argument("--interleave", action="store_true",
+                   help="time all variants of a model in one process, in rotating rounds (robust ratios on a "
+                        "GPU; peak memory becomes each pass's peak above what is resident)")
     p.add_argument("--json", default=None, help="also write all results here")
     p.add_argument("--identity", type=int, nargs="*", default=None, metavar="BEAM",
                    help="only check fast == plain hypotheses on the demo test set with these beams (default 1)")
@@ -490,7 +579,8 @@ def main(argv=None) -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print("RESULT " + json.dumps(worker(json.loads(Path(a.worker).read_text()))))
+        job = json.loads(Path(a.worker).read_text())
+        print("RESULT " + json.dumps((interleaved_worker if job.get("interleave") else worker)(job)))
         return
     if a.identity is not None:
         logging.disable(logging.WARNING)
@@ -511,6 +601,13 @@ def main(argv=None) -> None:
         t_start = time.time()
         for device in devices:
             for model in a.models:
+                if a.interleave:
+                    job = {"spec": spec, "model": model, "variants": variants, "device": device, "interleave": True,
+                           "batches": a.batches, "n1": a.n1, "steps": a.steps, "double_quant": a.double_quant,
+                           "repeats": a.repeats}
+                    res = run_worker(__file__, job, work, f"{model} {device} interleaved")
+                    results += res["results"] if res else []
+                    continue
                 for variant in variants:
                     batches = a.batches
                     if variant in ATTRIBUTION:
@@ -543,7 +640,7 @@ def print_table(results: List[Dict], note: str, elapsed: float, spec: Dict) -> N
     print(f"# {note}")
     header = (f"{'model':13s} {'dev':4s} {'variant':16s} {'batch':>5s} {'utts':>4s} {'tokens':>6s} {'sec':>7s} "
               f"{'RTF':>7s} {'tok/s':>7s} {'x fp':>6s} {'weights MB':>10s} {'cache MB':>8s} {'peak MB':>8s} "
-              f"{'warm s':>6s}")
+              f"{'warm s':>6s} {'pair x':>6s}")
     print(header)
     print("-" * len(header))
     fp = {(r["model"], r["device"], r["batch"]): r for r in results if r["variant"] == "fp"}
@@ -555,14 +652,16 @@ def print_table(results: List[Dict], note: str, elapsed: float, spec: Dict) -> N
         print(f"{r['model']:13s} {r['device']:4s} {variant_label(r['variant'], r['device']):16s} {r['batch']:5d} "
               f"{r['utts']:4d} {r['tokens']:6d} {r['seconds']:7.2f} {r['rtf']:7.4f} {r['tok_s']:7.1f} "
               f"{slow:5.2f}x {r['weights'] / MB:10.1f} {r['cache'] / MB:8.1f} {r['peak'] / MB:8.0f} "
-              f"{r['warmup_s']:6.1f}")
+              f"{r['warmup_s']:6.1f} " + (f"{r['paired_x_fp']:5.2f}x" if "paired_x_fp" in r else f"{'-':>6s}"))
         if r["variant"] in ("nf4_lora", "nf4_lora_fold") and ref:
             key = f"{r['model']}_{r['device']}_b{r['batch']}"
-            summary[f"{key}_{r['variant'].replace('_', '')}_vs_fp"] = slow
+            summary[f"{key}_{r['variant'].replace('_', '')}_vs_fp"] = r.get("paired_x_fp", slow)
             summary[key + "_weights_vs_fp"] = r["weights"] / ref["weights"]
     notes = sorted({r["note"] for r in results if r["note"]})
     loads = [x for r in results for x in r["load"]]
     print(f"(peak: {results[0]['peak_kind'] if results else '-'}; 'x fp' = seconds per token / full precision's; "
+          f"'pair x' (--interleave) = median over rounds of the round's time / full precision's in the same "
+          f"round, used in the summary; "
           f"LoRA: {'; '.join(notes) or '-'}; 1-min load during runs {min(loads, default=0):.2f}-"
           f"{max(loads, default=0):.2f}; {elapsed:.0f} s)")
     print(" ".join(f"{k}={v:.2f}x" for k, v in summary.items()))
