@@ -376,6 +376,12 @@ class Variant:
                                    force_steps=self.forced)
         return sum(len(i) for i in ids), steps
 
+    def warm_up(self, wavs) -> float:
+        """Decode one utterance (fills the caches, and compiles); its seconds."""
+        t0 = time.perf_counter()
+        self.run(wavs[:1])
+        return time.perf_counter() - t0
+
     def run_all(self, utts, batch: int) -> Tuple[float, int, int]:
         """Seconds, tokens and steps for ``utts`` in batches of ``batch``."""
         import torch
@@ -390,8 +396,8 @@ class Variant:
             torch.cuda.synchronize()
         return time.perf_counter() - t0, tokens, steps
 
-    def row(self, job: Dict, batch: int, utts, seconds: float, tokens: int, steps: int, peak: int,
-            peak_kind: str, warm_s: float, load) -> Dict:
+    def row(self, batch: int, utts, seconds: float, tokens: int, steps: int, peak: int, peak_kind: str,
+            warm_s: float, load) -> Dict:
         audio = sum(len(w) for w in utts) / 16000
         wb = weight_bytes(self.model)
         return {"model": self.name, "device": self.device, "variant": self.variant, "batch": batch,
@@ -400,10 +406,14 @@ class Variant:
                 "peak": peak, "peak_kind": peak_kind, "warmup_s": warm_s, "load": load, "note": self.note}
 
 
-def read_wavs(spec: Dict):
+def start_worker(job: Dict):
+    """Quiet logging, the thread count, and the utterances: what every worker process starts with."""
     import soundfile as sf
+    import torch
 
-    return [sf.read(p, dtype="float32")[0] for p in spec["wavs"]]
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return [sf.read(p, dtype="float32")[0] for p in job["spec"]["wavs"]]
 
 
 def batch_utts(wavs, job: Dict, batch: int):
@@ -414,16 +424,12 @@ def worker(job: Dict) -> Dict:
     """One variant in its own process: its peak memory is its own."""
     import torch
 
-    logging.disable(logging.WARNING)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    wavs = start_worker(job)
     cuda = job["device"] == "cuda"
     v = Variant(job, job["variant"])
-    wavs = read_wavs(job["spec"])
     results = []
     with v.stack:
-        t0 = time.perf_counter()
-        v.run(wavs[:1])  # warm-up: fills the caches (and compiles)
-        warm_s = time.perf_counter() - t0
+        warm_s = v.warm_up(wavs)
         for batch in job["batches"]:
             utts = batch_utts(wavs, job, batch)
             if cuda:
@@ -435,7 +441,7 @@ def worker(job: Dict) -> Dict:
             runs = [v.run_all(utts, batch) for _ in range(job.get("repeats", 1))]
             seconds = sorted(r[0] for r in runs)[len(runs) // 2]
             peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
-            results.append(v.row(job, batch, utts, seconds, runs[0][1], runs[0][2], peak,
+            results.append(v.row(batch, utts, seconds, runs[0][1], runs[0][2], peak,
                                  "cuda max allocated" if cuda else "peak RSS", warm_s, [load_before, load1()]))
     return {"results": results}
 
@@ -448,18 +454,14 @@ def interleaved_worker(job: Dict) -> Dict:
     ratios. Peak memory here is what a variant's pass adds on top of everything resident (GPU only)."""
     import torch
 
-    logging.disable(logging.WARNING)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    wavs = start_worker(job)
     cuda = job["device"] == "cuda"
-    wavs = read_wavs(job["spec"])
     variants, warm = [], {}
     with contextlib.ExitStack() as outer:
         for name in job["variants"]:
             v = Variant(job, name)
             outer.enter_context(v.stack)
-            t0 = time.perf_counter()
-            v.run(wavs[:1])
-            warm[name] = time.perf_counter() - t0
+            warm[name] = v.warm_up(wavs)
             variants.append(v)
         results = []
         for batch in job["batches"]:
@@ -484,7 +486,7 @@ def interleaved_worker(job: Dict) -> Dict:
             load = [load_before, load1()]
             for v in active:
                 ts = times[v.variant]
-                row = v.row(job, batch, utts, sorted(ts)[len(ts) // 2], *counts[v.variant], peaks[v.variant],
+                row = v.row(batch, utts, sorted(ts)[len(ts) // 2], *counts[v.variant], peaks[v.variant],
                             "cuda peak above resident" if cuda else "not measured (one process)", warm[v.variant],
                             load)
                 if "fp" in times:
@@ -599,12 +601,12 @@ def main(argv=None) -> None:
         spec["double_quant"] = a.double_quant
         note = wait_for_quiet(a.wait_load, a.max_wait)
         t_start = time.time()
+        common = {"spec": spec, "n1": a.n1, "steps": a.steps, "double_quant": a.double_quant, "repeats": a.repeats}
         for device in devices:
             for model in a.models:
                 if a.interleave:
-                    job = {"spec": spec, "model": model, "variants": variants, "device": device, "interleave": True,
-                           "batches": a.batches, "n1": a.n1, "steps": a.steps, "double_quant": a.double_quant,
-                           "repeats": a.repeats}
+                    job = {**common, "model": model, "device": device, "variants": variants, "interleave": True,
+                           "batches": a.batches}
                     res = run_worker(__file__, job, work, f"{model} {device} interleaved")
                     results += res["results"] if res else []
                     continue
@@ -614,9 +616,7 @@ def main(argv=None) -> None:
                         if not model.startswith("whisper") or 1 not in a.batches:
                             continue
                         batches = [1]
-                    job = {"spec": spec, "model": model, "variant": variant, "device": device,
-                           "batches": batches, "n1": a.n1, "steps": a.steps, "double_quant": a.double_quant,
-                           "repeats": a.repeats}
+                    job = {**common, "model": model, "device": device, "variant": variant, "batches": batches}
                     res = run_worker(__file__, job, work, f"{model} {device} {variant}")
                     if res is None:
                         continue
