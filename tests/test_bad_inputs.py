@@ -15,7 +15,7 @@ from pqm_ext.asr.adapt import adapt_speaker
 from pqm_ext.asr.config import merge_configs, read_yaml
 from pqm_ext.asr.layout import ExpLayout
 from pqm_ext.bin.quantize import quantize_dir
-from pqm_ext.data.kaldi_dir import DataDir
+from pqm_ext.data.kaldi_dir import DataDir, read_data_dir
 from pqm_ext.lora import AdapterConfig
 from pqm_ext.models.whisper import read_whisper_checkpoint
 from pqm_ext.quant import QuantConfig
@@ -155,6 +155,22 @@ def test_missing_pseudo_labels_for_semi_supervised_adaptation(tmp_path):
                              ["semi"], {"semi": []}, pseudo_text=labels)
     assert len(failures) == 1 and f"{labels}: no pseudo-label for spk1-1" in failures[0]
     assert not list((tmp_path / "exp").rglob("adapter"))
+
+
+def test_a_resumed_unit_rewrites_the_split_an_earlier_run_left(tmp_path):
+    # An interrupted run with valid_fraction 0.5 left a training dir of one utterance; the re-run keeps
+    # all three (valid_fraction 0), even though its training then fails (there is no quantised base).
+    layout = ExpLayout(tmp_path / "exp")
+    data = _sa_data(tmp_path)
+    stale = layout.adapt("scratch", 3, "spk1") / "data"
+    stale.mkdir(parents=True)
+    part = data.subset(["spk1-0"])
+    part.utt2num_samples = {"spk1-0": 16000}  # a complete formatted dir
+    part.write(stale)
+    failures = adapt_speaker(layout, "spk1", data, tmp_path / "splits", [3], ["scratch"], {"scratch": []})
+    assert len(failures) == 1 and "spk1 n=3 init=scratch" in failures[0]
+    assert sorted(read_data_dir(stale).text) == ["spk1-0", "spk1-1", "spk1-2"]
+    assert sorted(read_data_dir(stale.parent / "data_valid").text) == ["spk1-0", "spk1-1"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere; covered by the not-a-directory case")

@@ -90,10 +90,11 @@ def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, 
                 train_utts, valid_utts = split_train_valid(order[:n], valid_fraction)
                 subset = adaptation_set(data, order[:n], labels if init == "semi" else None, pseudo_text)
                 data_dir, valid_dir = out / "data", out / "data_valid"
+                # Rewritten every time (they are small): a unit resumed with another valid_fraction or other
+                # pseudo-labels must not train on the split an earlier run wrote.
                 for path, part in ((data_dir, subset.subset(train_utts)), (valid_dir, subset.subset(valid_utts))):
-                    if not (path / "utt2num_samples").is_file():
-                        with atomic_dir(path, overwrite=True) as tmp:
-                            part.write(tmp)
+                    with atomic_dir(path, overwrite=True) as tmp:
+                        part.write(tmp)
                 init_adapter = str(layout.pretrain / ADAPTER) if init in ("pretrained", "semi") else None
                 early_stopping = valid_fraction > 0
                 info = {"speaker": spk, "n_utts": n, "init": init, "trained_on": len(train_utts),
