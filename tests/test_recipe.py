@@ -84,6 +84,12 @@ def test_stages_1_to_8_write_the_results_table(recipe):
     assert 0 < results["adapter_params"] < 0.01 * results["base_params"]
     table = (recipe / "exp/whisper/RESULTS.md").read_text()
     assert "| pqm | 4 |" in table and "| fp | - |" in table
+    pairs = {(c["system"], c["baseline"]): c for c in results["paired_comparisons"]}
+    assert sorted(pairs) == [("nf4", "fp"), ("pqm@2", "lora_scratch@2"), ("pqm@4", "lora_scratch@4")]
+    assert "## Paired comparisons" in table and "| pqm@4 | lora_scratch@4 |" in table
+    ci = results["relative_wer_reduction_vs_fp_ci95"]  # every system's reduction vs FP has a paired interval
+    assert sorted(ci) == sorted(set(SYSTEMS) - {"fp"}) and sorted(ci["pqm"]) == ["2", "4"]
+    assert ci["nf4"][0] <= ci["nf4"][1] and ci["pqm"]["4"][0] <= ci["pqm"]["4"][1]
     assert (recipe / "exp/whisper/wer_vs_n.png").read_bytes()[:4] == b"\x89PNG"
     assert len(adapters(recipe)) == 2 * 2 * 2  # speakers x N x inits
     for log in (recipe / "exp/whisper/adapt/log").glob("adapt.*.log"):

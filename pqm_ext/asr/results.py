@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from safetensors.torch import load_file
 
 from pqm_ext.asr.layout import INIT_SYSTEM, ExpLayout, System
-from pqm_ext.asr.score import score_utterances, summarize
+from pqm_ext.asr.score import UttScore, paired_bootstrap, score_utterances, summarize
 from pqm_ext.data.kaldi_dir import DataDir
 from pqm_ext.utils.fileio import write_text_atomic
 
@@ -47,29 +47,62 @@ def adapter_params(adapter_dir: Path) -> int:
     return sum(t.numel() for t in load_file(str(adapter_dir / "adapter_model.safetensors")).values())
 
 
+Key = Tuple[str, Optional[int]]  # (results.json group, N adaptation utterances or None)
+
+
+def _label(key: Key) -> str:
+    return key[0] if key[1] is None else f"{key[0]}@{key[1]}"
+
+
+def comparisons(keys: Sequence[Key], quant: str) -> List[Tuple[Key, Key]]:
+    """(system, baseline) pairs the paper's claims rest on: the quantised base against full precision,
+    PQM against LoRA from scratch, and PQM on pseudo-labels against PQM, at every N both have."""
+    have = set(keys)
+    pairs = [((quant, None), ("fp", None))]
+    for system, baseline in (("pqm", "lora_scratch"), ("pqm_semi", "pqm")):
+        pairs += [((system, n), (baseline, n)) for g, n in sorted(have, key=lambda k: (k[0], k[1] or 0))
+                  if g == system and n is not None]
+    return [(a, b) for a, b in pairs if a in have and b in have]
+
+
+def _nest(values: Dict[Key, object]) -> Dict:
+    """{(group, n): v} -> {group: v} or {group: {str(n): v}}, the shape of results.json's "systems"."""
+    out: Dict = {}
+    for (group, n), v in values.items():
+        if n is None:
+            out[group] = v
+        else:
+            out.setdefault(group, {})[str(n)] = v
+    return out
+
+
 def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str, corpus: str,
             decode_conf: Dict) -> Dict:
     speakers = sorted(set(data.utt2spk.values()))
     results: Dict = {"model": model, "corpus": corpus, "quant": layout.quant, "speakers": speakers,
                      "test_utts": len(data.utt2spk), "decode": decode_conf, "systems": {}, "decode_time": {}}
+    scored: Dict[Key, List[UttScore]] = {}
     for system in systems:
         hyps = read_hyps(layout.decode(system.name), speakers)
         if hyps is None:
             logger.warning("%s: not decoded for every speaker, left out", system.name)
             continue
-        summary = summarize(score_utterances(data.text, hyps), data.utt2spk)
+        scored[(system.group, system.n_utts)] = scores = score_utterances(data.text, hyps)
+        summary = summarize(scores, data.utt2spk)
         write_text_atomic(layout.decode(system.name) / "score.json", json.dumps(summary, indent=1))
         if system.n_utts is None:
             results["systems"][system.group] = summary
         else:
             results["systems"].setdefault(system.group, {})[str(system.n_utts)] = summary
         results["decode_time"][system.name] = decode_timing(layout.decode(system.name), speakers)
-    fp = results["systems"].get("fp", {}).get("wer")
-    if fp:
-        results["relative_wer_reduction_vs_fp"] = {
-            name: ({n: (fp - v["wer"]) / fp for n, v in entry.items()} if "wer" not in entry
-                   else (fp - entry["wer"]) / fp)
-            for name, entry in results["systems"].items() if name != "fp"}
+    fp = scored.get(("fp", None))
+    if fp and results["systems"]["fp"]["wer"] > 0:
+        vs_fp = {key: paired_bootstrap(fp, scores) for key, scores in scored.items() if key[0] != "fp"}
+        results["relative_wer_reduction_vs_fp"] = _nest({k: v["rel_reduction"] for k, v in vs_fp.items()})
+        results["relative_wer_reduction_vs_fp_ci95"] = _nest({k: v["rel_reduction_ci95"] for k, v in vs_fp.items()})
+    results["paired_comparisons"] = [
+        {"system": _label(a), "baseline": _label(b), **paired_bootstrap(scored[b], scored[a])}
+        for a, b in comparisons(list(scored), layout.quant)]
     sizes = {}
     for label in ["base"] + [s.group for s in systems if s.n_utts is None and s.group not in ("fp", "lora_pretrained")]:
         report = (layout.base if label == "base" else layout.quantized(label)) / "size_report.json"
@@ -100,18 +133,24 @@ def render_markdown(r: Dict) -> str:
              f"Target speakers: {len(r['speakers'])}, test utterances: {r['test_utts']}. "
              f"WER pooled over all test words (errors / reference words), 95% bootstrap interval over utterances. "
              f"Decoding: {json.dumps(r['decode'])}. Normalisation: lower case, punctuation removed (pqm_ext.asr.score).",
-             "", "| system | N adapt utts | WER % | 95% CI | sub/del/ins | rel. WER reduction vs FP % | base size MB |",
-             "|---|---|---|---|---|---|---|"]
+             "The relative reduction's interval is paired: FP and the system are resampled with the same utterances.",
+             "", "| system | N adapt utts | WER % | 95% CI | sub/del/ins | rel. WER reduction vs FP % "
+             "| paired 95% CI | base size MB |", "|---|---|---|---|---|---|---|---|"]
     sizes = r.get("bytes", {})
-    rel = r.get("relative_wer_reduction_vs_fp", {})
+    rel, rel_ci = r.get("relative_wer_reduction_vs_fp", {}), r.get("relative_wer_reduction_vs_fp_ci95", {})
+
+    def at(d: Dict, name: str, n: Optional[str]):
+        v = d.get(name)
+        return v.get(n) if isinstance(v, dict) else v
+
     for name, entry in r["systems"].items():
         rows = [(None, entry)] if "wer" in entry else sorted(entry.items(), key=lambda kv: int(kv[0]))
         for n, e in rows:
-            rr = rel.get(name)
-            rr = rr.get(n) if isinstance(rr, dict) else rr
+            rr, ci = at(rel, name, n), at(rel_ci, name, n)
             size = sizes.get("fp32" if name == "fp" else (name if name in sizes else r.get("quant")))
             lines.append(f"| {name} | {n or '-'} | {_pct(e['wer'])} | {_pct(e['ci95'][0])}-{_pct(e['ci95'][1])} | "
-                         f"{e['sub']}/{e['del']}/{e['ins']} | {'' if name == 'fp' else _pct(rr)} | "
+                         f"{e['sub']}/{e['del']}/{e['ins']} | {_pct(rr)} | "
+                         f"{'' if ci is None else f'{_pct(ci[0])} to {_pct(ci[1])}'} | "
                          f"{'' if size is None else f'{size / mb:.1f}'} |")
     lines += ["", f"Base parameters: {r.get('base_params')}; adapter parameters per speaker: "
               f"{json.dumps(r.get('adapter_params_by_system', {}))}"]
@@ -120,6 +159,16 @@ def render_markdown(r: Dict) -> str:
     if "fp32" in sizes and r.get("quant") in sizes:
         lines.append(f"Model size: fp32 {sizes['fp32'] / mb:.1f} MB -> {r['quant']} {sizes[r['quant']] / mb:.1f} MB "
                      f"({sizes['fp32'] / sizes[r['quant']]:.2f}x smaller).")
+    if r.get("paired_comparisons"):
+        lines += ["", "## Paired comparisons", "",
+                  "Same test utterances, resampled together (1000 draws). Difference = system - baseline; "
+                  "\"better in\" = share of resamples where the system makes fewer errors.", "",
+                  "| system | baseline | WER difference, points | 95% CI | rel. WER reduction % | better in % |",
+                  "|---|---|---|---|---|---|"]
+        for c in r["paired_comparisons"]:
+            lines.append(f"| {c['system']} | {c['baseline']} | {100 * c['wer_diff']:+.1f} | "
+                         f"{100 * c['wer_diff_ci95'][0]:+.1f} to {100 * c['wer_diff_ci95'][1]:+.1f} | "
+                         f"{_pct(c['rel_reduction'])} | {100 * c['p_better']:.0f} |")
     lines += ["", "## Per speaker WER %", ""]
     cols = [(name, n) for name, entry in r["systems"].items()
             for n in ([None] if "wer" in entry else sorted(entry, key=int))]

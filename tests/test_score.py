@@ -1,0 +1,56 @@
+"""Scoring: jiwer WER on real strings, and the paired bootstrap that compares two systems."""
+from __future__ import annotations
+
+import pytest
+
+from pqm_ext.asr.results import comparisons
+from pqm_ext.asr.score import bootstrap_ci, paired_bootstrap, pooled_wer, score_utterances
+
+# Utterances of very different difficulty: the base gets 0-9 of each 10-word reference wrong.
+REFS = {f"u{i:02d}": " ".join(f"w{j}" for j in range(10)) for i in range(30)}
+
+
+def hyps_with_errors(errors_per_utt):
+    """Hypotheses with the given number of substituted words per utterance (same order as REFS)."""
+    out = {}
+    for (utt, ref), k in zip(sorted(REFS.items()), errors_per_utt):
+        words = ref.split()
+        out[utt] = " ".join(["x"] * k + words[k:])
+    return out
+
+
+BASE = [i % 10 for i in range(30)]
+
+
+def test_a_system_scored_against_itself_has_no_difference():
+    base = score_utterances(REFS, hyps_with_errors(BASE))
+    c = paired_bootstrap(base, base)
+    assert c["rel_reduction"] == 0 and c["rel_reduction_ci95"] == [0, 0] and c["p_better"] == 0
+
+
+def test_paired_interval_sees_a_small_consistent_gain_that_separate_intervals_hide():
+    base = score_utterances(REFS, hyps_with_errors(BASE))
+    better = score_utterances(REFS, hyps_with_errors([max(k - 1, 0) for k in BASE]))  # one error fewer where any
+    assert pooled_wer(base) == pytest.approx(0.45) and pooled_wer(better) == pytest.approx(0.36)
+    lo_base, _ = bootstrap_ci(base)
+    _, hi_better = bootstrap_ci(better)
+    assert hi_better > lo_base  # the two unpaired intervals overlap ...
+    c = paired_bootstrap(base, better)
+    assert c["rel_reduction"] == pytest.approx(0.2)
+    assert 0.1 < c["rel_reduction_ci95"][0] <= 0.2 <= c["rel_reduction_ci95"][1]  # ... the paired one excludes 0
+    assert c["wer_diff"] == pytest.approx(-0.09) and c["wer_diff_ci95"][1] < 0
+    assert c["p_better"] == 1.0
+
+
+def test_paired_bootstrap_refuses_systems_scored_on_different_utterances():
+    base = score_utterances(REFS, hyps_with_errors(BASE))
+    with pytest.raises(ValueError, match="not scored on the same utterances"):
+        paired_bootstrap(base, base[1:])
+
+
+def test_comparisons_pair_what_the_paper_claims_where_both_sides_exist():
+    keys = [("fp", None), ("nf4", None), ("int4", None), ("lora_scratch", 5), ("pqm", 5), ("pqm", 10),
+            ("pqm_semi", 10)]
+    assert comparisons(keys, "nf4") == [(("nf4", None), ("fp", None)), (("pqm", 5), ("lora_scratch", 5)),
+                                        (("pqm_semi", 10), ("pqm", 10))]
+    assert comparisons([("fp", None), ("pqm", 5)], "nf4") == []
