@@ -8,8 +8,8 @@ without rewriting words (no spelling or number normalisation).
 WER is pooled over words: total errors (substitutions + deletions + insertions) / reference words.
 The 95% interval resamples utterances with replacement (1000 draws, fixed seed), as suggested for
 small test sets. Two systems decoded on the same utterances are compared *paired*: both are resampled
-with the same draws, so the utterances' own difficulty, shared by both, cancels. Their separate
-intervals overlap far more than their difference is uncertain.
+with the same draws, so the utterances' own difficulty, shared by both, cancels: their separate
+intervals can overlap widely while the paired interval of their difference excludes zero.
 """
 from __future__ import annotations
 
