@@ -60,8 +60,7 @@ def comparisons(keys: Sequence[Key], quant: str) -> List[Tuple[Key, Key]]:
     have = set(keys)
     pairs = [((quant, None), ("fp", None))]
     for system, baseline in (("pqm", "lora_scratch"), ("pqm_semi", "pqm")):
-        pairs += [((system, n), (baseline, n)) for g, n in sorted(have, key=lambda k: (k[0], k[1] or 0))
-                  if g == system and n is not None]
+        pairs += [((system, n), (baseline, n)) for n in sorted(n for g, n in have if g == system and n is not None)]
     return [(a, b) for a, b in pairs if a in have and b in have]
 
 
@@ -82,19 +81,18 @@ def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str,
     results: Dict = {"model": model, "corpus": corpus, "quant": layout.quant, "speakers": speakers,
                      "test_utts": len(data.utt2spk), "decode": decode_conf, "systems": {}, "decode_time": {}}
     scored: Dict[Key, List[UttScore]] = {}
+    summaries: Dict[Key, Dict] = {}
     for system in systems:
         hyps = read_hyps(layout.decode(system.name), speakers)
         if hyps is None:
             logger.warning("%s: not decoded for every speaker, left out", system.name)
             continue
-        scored[(system.group, system.n_utts)] = scores = score_utterances(data.text, hyps)
-        summary = summarize(scores, data.utt2spk)
-        write_text_atomic(layout.decode(system.name) / "score.json", json.dumps(summary, indent=1))
-        if system.n_utts is None:
-            results["systems"][system.group] = summary
-        else:
-            results["systems"].setdefault(system.group, {})[str(system.n_utts)] = summary
+        key = (system.group, system.n_utts)
+        scored[key] = score_utterances(data.text, hyps)
+        summaries[key] = summarize(scored[key], data.utt2spk)
+        write_text_atomic(layout.decode(system.name) / "score.json", json.dumps(summaries[key], indent=1))
         results["decode_time"][system.name] = decode_timing(layout.decode(system.name), speakers)
+    results["systems"] = _nest(summaries)
     fp = scored.get(("fp", None))
     if fp and results["systems"]["fp"]["wer"] > 0:
         vs_fp = {key: paired_bootstrap(fp, scores) for key, scores in scored.items() if key[0] != "fp"}

@@ -93,7 +93,8 @@ def paired_bootstrap(base: Sequence[UttScore], system: Sequence[UttScore], draws
         raise ValueError("paired_bootstrap: no utterances")
     (eb, words), (es, _) = _arrays(base), _arrays(system)
     idx = np.random.default_rng(seed).integers(0, len(base), size=(draws, len(base)))
-    wb, ws = eb[idx].sum(1) / np.maximum(words[idx].sum(1), 1), es[idx].sum(1) / np.maximum(words[idx].sum(1), 1)
+    n_words = np.maximum(words[idx].sum(1), 1)
+    wb, ws = eb[idx].sum(1) / n_words, es[idx].sum(1) / n_words
     rel = (wb - ws) / np.maximum(wb, 1e-12)
     wer_b, wer_s = pooled_wer(base), pooled_wer(system)
     return {
