@@ -6,12 +6,17 @@ import copy
 import pytest
 import torch
 import yaml
+import torch.nn.functional as F
+from peft.tuners.lora.layer import Conv1d as LoraConv1d
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
 from pqm_ext.lora import AdapterConfig, adapter_num_params, add_adapter, load_adapter, save_adapter
+from pqm_ext.lora.mixed import MixedAdapters, folded
+from pqm_ext.lora.quant_conv import LoraQuantConv1d
 from pqm_ext.patterns import any_match
 from pqm_ext.quant import QuantConfig, load_quantized, quantize_model, save_quantized
+from pqm_ext.quant.layers import QuantConv
 from pqm_ext.quant.nf4 import NF4Linear
 from pqm_ext.utils.errors import InputError
 
@@ -123,12 +128,108 @@ def test_adapter_on_nf4_whisper_trains_only_lora(whisper_fp, speech, whisper_tok
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".lora_B." in n)
 
 
-@pytest.mark.parametrize("targets", [["no_such_layer"], ["feed_forward"], ["conv_module.pointwise_conv1"], ["linear"]])
+@pytest.mark.parametrize("targets", [["no_such_layer"], ["feed_forward"], ["conv_module"], ["linear"]])
 def test_target_matching_nothing_is_an_error(targets, nf4_dir, load_base):
-    """A container, a quantised convolution (not a LoRA layer type) or a partial name match nothing."""
+    """A container (not a LoRA layer type) or a partial name match nothing."""
     model = load_base(nf4_dir / "model.safetensors")
     with pytest.raises(ValueError, match="matched no layer"):
         add_adapter(model, AdapterConfig(target_modules=targets))
+
+
+# --------------------------------------------------------------------------- pointwise convolutions
+POINTWISE = ["conv_module.pointwise_conv1", "conv_module.pointwise_conv2"]
+
+
+def _randomise_b(model, name="default", seed=0):
+    """LoRA B starts at zero; give it values so that the adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():
+        if f".lora_B.{name}." in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+
+
+@pytest.mark.parametrize("quantised", [True, False])
+def test_pointwise_convolutions_take_an_adapter(quantised, nf4_dir, load_base, build_conformer):
+    """Quantised 1x1 convolutions get our LoraQuantConv1d, float ones peft's Conv1d: the same sum
+    base(x) + B(A(x)) * alpha / r, the same parameter count."""
+    model = load_base(nf4_dir / "model.safetensors") if quantised else build_conformer()
+    cfg = AdapterConfig(rank=2, alpha=6.0, target_modules=POINTWISE)
+    layers = add_adapter(model, cfg)
+    assert len(layers) == 2 * 2  # two blocks, two pointwise convolutions each
+    for name in layers:
+        layer = model.get_submodule(name)
+        assert type(layer) is (LoraQuantConv1d if quantised else LoraConv1d), name
+        assert type(layer.get_base_layer()) is (QuantConv if quantised else torch.nn.Conv1d), name
+    bases = [model.get_submodule(n).get_base_layer() for n in layers]
+    assert adapter_num_params(model) == sum(cfg.rank * (b.in_channels + b.out_channels) for b in bases)
+    _randomise_b(model)
+    layer, base = model.get_submodule(layers[1]), bases[1]
+    x = torch.randn(2, base.in_channels, 9, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = base(x) + F.conv1d(F.conv1d(x, layer.lora_A["default"].weight), layer.lora_B["default"].weight) * 3.0
+        torch.testing.assert_close(layer(x), want)
+        assert (layer(x) - base(x)).abs().max() > 1e-3
+
+
+def test_depthwise_convolution_of_a_quantised_model_is_refused(nf4_dir, load_base):
+    model = load_base(nf4_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="encoder.encoders.0.conv_module.depthwise_conv .*only pointwise"):
+        add_adapter(model, AdapterConfig(target_modules=["conv_module.depthwise_conv"]))
+
+
+def test_pointwise_adapter_trains_saves_and_reloads(nf4_dir, load_base, random_batch, tmp_path):
+    cfg = AdapterConfig(rank=1, alpha=2.0, target_modules=ADAPTER.target_modules + POINTWISE)
+    base_file = nf4_dir / "model.safetensors"
+    model = load_base(base_file)
+    before_state = base_state(model)
+    add_adapter(model, cfg)
+    batch = random_batch(seed=21)
+    before, after = train_steps(model, batch)
+    assert after < before
+    grads = {n for n, p in model.named_parameters() if p.requires_grad and "conv_module" in n}
+    assert len(grads) == 2 * 4  # A and B of 4 pointwise convolutions are trainable
+    for k, v in base_state(model).items():
+        assert torch.equal(v, before_state[k]), f"{k} of the frozen base changed"
+    ref_enc, ref_loss = outputs(model, batch)
+    out = save_adapter(model, tmp_path / "spk", cfg)
+    fresh = load_base(base_file)
+    add_adapter(fresh, cfg)
+    load_adapter(fresh, out)
+    enc, loss = outputs(fresh, batch)
+    assert torch.equal(enc, ref_enc) and torch.equal(loss, ref_loss)
+
+
+@pytest.mark.parametrize("impl", ["batched", "peft"])
+def test_pointwise_adapters_in_mixed_batches_and_folded(impl, nf4_dir, load_base):
+    """Row i of a mixed batch is what adapter names[i] computes alone; folding B A s into the dequantised
+    1x1 kernel gives the same output as the unmerged adapter."""
+    model = load_base(nf4_dir / "model.safetensors")
+    cfg = AdapterConfig(rank=2, alpha=4.0, target_modules=POINTWISE)
+    mixed = MixedAdapters(model, impl=impl)
+    for seed, spk in enumerate(["a", "b"]):
+        mixed.add(spk, cfg=cfg)
+        _randomise_b(model, mixed.internal[spk], seed=seed)
+    model.eval()
+    layer = model.get_submodule("encoder.encoders.1.conv_module.pointwise_conv1")
+    x = torch.randn(3, layer.in_features, 7, generator=torch.Generator().manual_seed(5))
+    names = ["b", None, "a"]
+    with torch.no_grad():
+        with mixed.rows(names):
+            got = layer(x)
+        want = []
+        for i, n in enumerate(names):
+            if n is None:
+                want.append(layer.get_base_layer()(x[i:i + 1]))
+            else:
+                mixed.use(n)
+                want.append(layer(x[i:i + 1]))
+        torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(want[0], want[2], atol=1e-4)
+        mixed.use("a")
+        unmerged = layer(x)
+        with folded(model) as n:
+            assert n == 4
+            torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
 
 
 def test_adapter_config_validation():

@@ -3,7 +3,8 @@
 ``peft.inject_adapter_in_model`` keeps the ESPnetASRModel type (ESPnet's trainer asserts it);
 ``get_peft_model`` would wrap it. peft picks its bitsandbytes LoRA layer for our ``NF4Linear`` by
 *type* (a custom-module mapping), not through a model-wide ``is_loaded_in_4bit`` flag, and its
-plain layers for full-precision Linear/Conv. Adapters are kept unmerged: merging into NF4 weights
+plain layers for full-precision Linear/Conv; a quantised pointwise convolution gets our
+``LoraQuantConv1d`` (pqm_ext.lora.quant_conv). Adapters are kept unmerged: merging into NF4 weights
 re-quantises them and changes the base every speaker shares.
 """
 from __future__ import annotations
@@ -17,12 +18,14 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
 from pqm_ext.lora.config import AdapterConfig
+from pqm_ext.lora.quant_conv import LoraQuantConv1d, is_pointwise_conv1d
 from pqm_ext.patterns import any_match, patterns_to_regex
+from pqm_ext.quant.layers import QuantConv
 from pqm_ext.quant.nf4 import NF4Linear
 
 logger = logging.getLogger(__name__)
 
-LORA_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding)
+LORA_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding, QuantConv)
 
 
 def target_layers(model: torch.nn.Module, cfg: AdapterConfig) -> List[str]:
@@ -33,6 +36,11 @@ def target_layers(model: torch.nn.Module, cfg: AdapterConfig) -> List[str]:
              and any_match(n, cfg.target_modules)]
     if not names:
         raise ValueError(f"LoRA target_modules {cfg.target_modules} matched no layer of the model")
+    for n in names:
+        m = model.get_submodule(n)
+        if isinstance(m, QuantConv) and not is_pointwise_conv1d(m):
+            raise ValueError(f"LoRA target {n} is a quantised {m.kernel_size} convolution with {m.groups} groups: "
+                             "only pointwise (1x1) convolutions of a quantised model can take an adapter")
     return names
 
 
@@ -56,7 +64,7 @@ def add_adapter(model: torch.nn.Module, cfg: AdapterConfig, name: str = "default
     layers = target_layers(model, cfg)
     peft_cfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
                           target_modules=patterns_to_regex(cfg.target_modules))
-    peft_cfg._register_custom_module({NF4Linear: LoraLinear4bit})
+    peft_cfg._register_custom_module({NF4Linear: LoraLinear4bit, QuantConv: LoraQuantConv1d})
     inject_adapter_in_model(peft_cfg, model, adapter_name=name)
     for pname, p in model.named_parameters():
         p.requires_grad_(f"lora_A.{name}." in pname or f"lora_B.{name}." in pname)

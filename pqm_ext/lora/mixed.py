@@ -6,7 +6,7 @@ model under its own peft adapter name, and in a batch row ``i`` uses the adapter
 
 * ``batched`` (default): each LoRA layer's A and B matrices of all loaded adapters are stacked once;
   a batch gathers its rows' matrices and applies them with two ``bmm`` calls per layer, whatever the
-  number of speakers in the batch.
+  number of speakers in the batch. A pointwise convolution is such a matrix over channels.
 * ``peft``: peft's own mixed-adapter forward (``adapter_names`` injected by forward pre-hooks, as
   peft's ``_enable_peft_forward_hooks`` does); it loops over the distinct adapters of the batch in
   every layer, so its cost grows with the number of speakers (see docs/PERFORMANCE.md).
@@ -35,7 +35,9 @@ from peft.tuners.lora import LoraLayer
 from pqm_ext.lora.config import AdapterConfig
 from pqm_ext.lora.inject import add_adapter
 from pqm_ext.lora.io import adapter_config_of, load_adapter
+from pqm_ext.lora.quant_conv import is_pointwise_conv1d
 from pqm_ext.quant.cache import DequantCacheMixin, as_input_dtype
+from pqm_ext.quant.layers import QuantConv
 
 IMPLS = ("batched", "peft")
 BASE = "__base__"
@@ -81,6 +83,9 @@ class RowAdapters:
         if x.size(0) != at.size(0):
             raise ValueError(f"a batch of {x.size(0)} rows reached a LoRA layer set up for {at.size(0)} rows "
                              "(adapter names must be given per row of the batch)")
+        if is_pointwise_conv1d(layer.get_base_layer()):  # (rows, channels, T): channels last, and back
+            delta = torch.bmm(torch.bmm(x.transpose(1, 2).to(at.dtype), at), bt) * s
+            return result + delta.transpose(1, 2).to(result.dtype)
         xr = x.reshape(x.size(0), -1, x.size(-1)).to(at.dtype)
         delta = torch.bmm(torch.bmm(xr, at), bt) * s
         return result + delta.reshape(result.shape).to(result.dtype)
@@ -133,8 +138,10 @@ class MixedAdapters:
             self._stacks = {}
             keys = list(self.internal.values())
             for lname, layer in lora_layers(self.model):
-                if not isinstance(layer.get_base_layer(), torch.nn.Linear):
-                    raise TypeError(f"{lname}: batched mixed adapters support linear layers only (use impl='peft')")
+                base = layer.get_base_layer()
+                if not (isinstance(base, torch.nn.Linear) or is_pointwise_conv1d(base)):
+                    raise TypeError(f"{lname}: batched mixed adapters support linear layers and pointwise "
+                                    "convolutions only (use impl='peft')")
                 present = [k for k in keys if k in layer.lora_A]
                 if len(present) != len(keys):
                     raise ValueError(f"{lname}: adapters {sorted(set(keys) - set(present))[:3]} do not cover this "
@@ -146,8 +153,8 @@ class MixedAdapters:
                 s = ref.new_zeros(len(keys) + 1)
                 for i, k in enumerate(keys):
                     ri = layer.lora_A[k].weight.shape[0]
-                    a[i, :ri] = layer.lora_A[k].weight.detach()
-                    b[i, :, :ri] = layer.lora_B[k].weight.detach()
+                    a[i, :ri] = _matrix(layer.lora_A[k].weight)
+                    b[i, :, :ri] = _matrix(layer.lora_B[k].weight)
                     s[i] = layer.scaling[k]
                 self._stacks[id(layer)] = (a, b, s)
         return self._stacks
@@ -191,6 +198,11 @@ class MixedAdapters:
                 p.requires_grad_(False)
 
 
+def _matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A LoRA factor as a matrix: a linear weight as it is, a 1x1 convolution kernel without its kernel axis."""
+    return weight.detach().reshape(weight.shape[0], weight.shape[1])
+
+
 def _bound(fn, layer):
     def forward(x, *args, **kwargs):
         return fn(layer, x, *args, **kwargs)
@@ -224,20 +236,22 @@ def folded(model: torch.nn.Module, adapter: Optional[str] = None) -> Iterator[in
                 if name not in layer.lora_A:
                     continue
                 base = layer.get_base_layer()
-                if isinstance(base, DequantCacheMixin):
-                    w = base.dequantize_weight()
-                    base.drop_dequant_cache()
-                elif isinstance(base, torch.nn.Linear):
+                store = base.store if isinstance(base, QuantConv) else base
+                conv = is_pointwise_conv1d(base)
+                if isinstance(store, DequantCacheMixin):
+                    w = store.dequantize_weight()
+                    store.drop_dequant_cache()
+                elif isinstance(base, torch.nn.Linear) or conv:
                     w = base.weight.detach().clone()
                 else:
                     raise TypeError(f"cannot fold LoRA into a {type(base).__name__}")
-                w += layer.get_delta_weight(name).to(w.dtype)
+                w += layer.get_delta_weight(name).to(w.dtype).reshape(w.shape)
                 # Keep the copy in the cache's dtype (fp16 on a GPU), rounded once after the sum: the
                 # 4-bit state dequantises to the dtype it was quantised from (float32), and a float32
                 # copy would double the memory and be cast to fp16 again by autocast at every call.
-                cache_dtype = getattr(base, "dequant_cache_dtype", None)
+                cache_dtype = getattr(store, "dequant_cache_dtype", None)
                 layer.folded_weight = w if cache_dtype is None else w.to(cache_dtype)
-                layer.forward = _folded_forward(layer.folded_weight, base.bias)
+                layer.forward = _folded_forward(layer.folded_weight, base.bias, conv)
                 n += 1
         yield n
     finally:
@@ -246,7 +260,9 @@ def folded(model: torch.nn.Module, adapter: Optional[str] = None) -> Iterator[in
             layer.__dict__.pop("folded_weight", None)
 
 
-def _folded_forward(weight: torch.Tensor, bias: Optional[torch.Tensor]):
+def _folded_forward(weight: torch.Tensor, bias: Optional[torch.Tensor], pointwise_conv: bool = False):
+    op = F.conv1d if pointwise_conv else F.linear
+
     def forward(x, *args, **kwargs):
-        return F.linear(x, as_input_dtype(weight, x), as_input_dtype(bias, x))
+        return op(x, as_input_dtype(weight, x), as_input_dtype(bias, x))
     return forward
