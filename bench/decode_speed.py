@@ -72,12 +72,9 @@ VARIANTS = ("fp", "nf4_plain", "nf4_cache", "nf4_incr", "nf4_fast", "nf4_fast_de
             "nf4_lora_compile")
 ATTRIBUTION = ("nf4_cache", "nf4_incr")  # Whisper only, batch 1 only
 WHISPER_LORA = ["attn.query", "attn.key", "attn.value", "attn.out", "mlp.0", "mlp.2"]
-# The recipe's Conformer adapter (egs/TEMPLATE/conf/conformer/adapt_*.yaml); the tables in docs/PERFORMANCE.md
-# measured before 2026-11-26 adapted the linear layers only (no pointwise convolutions).
 CONFORMER_LORA = ["self_attn.linear_q", "self_attn.linear_k", "self_attn.linear_v", "self_attn.linear_out",
                   "src_attn.linear_q", "src_attn.linear_k", "src_attn.linear_v", "src_attn.linear_out",
-                  "feed_forward.w_1", "feed_forward.w_2", "feed_forward_macaron.w_1", "feed_forward_macaron.w_2",
-                  "conv_module.pointwise_conv1", "conv_module.pointwise_conv2"]
+                  "feed_forward.w_1", "feed_forward.w_2", "feed_forward_macaron.w_1", "feed_forward_macaron.w_2"]
 WHISPER_BASE_DIMS = dict(n_mels=80, n_vocab=51864, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8,
                          n_audio_layer=6, n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6)
 # The recipe's Whisper model config (stage 4 fills in the dims from the checkpoint).
