@@ -23,7 +23,7 @@ def is_pointwise_conv1d(module: torch.nn.Module) -> bool:
     """A Conv1d (float or quantised) that is a matrix over channels: kernel 1, stride 1, no padding, one group."""
     conv1d = isinstance(module, torch.nn.Conv1d) or (isinstance(module, QuantConv) and module.dims == 1)
     return (conv1d and tuple(module.kernel_size) == (1,) and tuple(module.stride) == (1,)
-            and tuple(module.padding) in ((0,), (0, 0)) and module.groups == 1)
+            and tuple(module.padding) == (0,) and module.groups == 1)
 
 
 class LoraQuantConv1d(torch.nn.Module, LoraLayer):
