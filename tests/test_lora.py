@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import yaml
+from lora_helpers import one_adapter_at_a_time
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Conv1d as LoraConv1d
 from peft.tuners.lora import Linear as LoraLinear
@@ -216,13 +217,7 @@ def test_pointwise_adapters_in_mixed_batches_and_folded(impl, nf4_dir, load_base
     with torch.no_grad():
         with mixed.rows(names):
             got = layer(x)
-        want = []
-        for i, n in enumerate(names):
-            if n is None:
-                want.append(layer.get_base_layer()(x[i:i + 1]))
-            else:
-                mixed.use(n)
-                want.append(layer(x[i:i + 1]))
+        want = one_adapter_at_a_time(mixed, layer, x, names)
         torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(want[0], want[2], atol=1e-4)
         mixed.use("a")

@@ -21,6 +21,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
+from lora_helpers import one_adapter_at_a_time
 
 from pqm_ext.asr.batch_decode import NotGreedyError, batch_decode, check_greedy, greedy_search
 from pqm_ext.lora import AdapterConfig, save_adapter
@@ -152,13 +153,7 @@ def test_mixed_rows_match_one_adapter_at_a_time(rec, impl):
     with torch.no_grad():
         with mixed.rows(names, impl=impl):
             got = layer(x)
-        want = []
-        for i, n in enumerate(names):
-            if n is None:
-                want.append(layer.get_base_layer()(x[i: i + 1]))
-            else:
-                mixed.use(n)
-                want.append(layer(x[i: i + 1]))
+        want = one_adapter_at_a_time(mixed, layer, x, names)
         for _, m in lora_layers(rec.model):  # back to the per-speaker slot for the other tests
             m.set_adapter("default")
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
