@@ -3,7 +3,8 @@
 Models (ESPnet models built by PQMASRTask / ASRTask, decoded greedily by pqm_ext.asr.batch_decode):
   whisper_tiny  Whisper tiny.en with its real weights: the demo experiment's base and stage-5 NF4 model
                 (egs/librispeech_sa/exp/whisper) when present, else the bundled tiny.en converted and
-                quantised in a temp dir; the LoRA is a real stage-7 adapter when the demo has one.
+                quantised in a temp dir; the LoRA is a real stage-7 adapter when the demo has one. Where
+                neither exists (a GPU machine without them), tiny.en dimensions with random weights.
   whisper_base  Whisper base.en dimensions, random weights.
 All models decode a forced length (--steps tokens per utterance, end-of-text ignored), so every
 variant does the same work (natural-length decoding: bench/multi_speaker.py, docs/PERFORMANCE.md).
@@ -77,6 +78,8 @@ CONFORMER_LORA = ["self_attn.linear_q", "self_attn.linear_k", "self_attn.linear_
                   "feed_forward.w_1", "feed_forward.w_2", "feed_forward_macaron.w_1", "feed_forward_macaron.w_2"]
 WHISPER_BASE_DIMS = dict(n_mels=80, n_vocab=51864, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8,
                          n_audio_layer=6, n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6)
+WHISPER_TINY_DIMS = {**WHISPER_BASE_DIMS, "n_audio_state": 384, "n_audio_head": 6, "n_audio_layer": 4,
+                     "n_text_state": 384, "n_text_head": 6, "n_text_layer": 4}
 # The recipe's Whisper model config (stage 4 fills in the dims from the checkpoint).
 WHISPER_CONF = yaml.safe_load((ROOT / "egs/TEMPLATE/conf/whisper/model.yaml").read_text())
 MB = 1e6
@@ -200,6 +203,23 @@ def synth_utterances(work: Path, n: int) -> List[str]:
     return out
 
 
+def has_bundled_tiny() -> bool:
+    try:
+        from pqm_ext.models.ct2_whisper import bundled_tiny_en_dir
+
+        return bundled_tiny_en_dir().is_dir()
+    except ImportError:
+        return False
+
+
+def random_whisper(work: Path, name: str, dims: Dict) -> Dict:
+    """Config and token list of a Whisper of these dimensions; ``build`` gives it seeded random weights."""
+    conf = {**WHISPER_CONF, "encoder_conf": {**WHISPER_CONF["encoder_conf"], "dims": dims},
+            "decoder_conf": {**WHISPER_CONF["decoder_conf"], "dims": dims}}
+    (work / f"{name}.yaml").write_text(yaml.safe_dump(conf))
+    return {"config": str(work / f"{name}.yaml"), "token_list": str(whisper_token_list(work))}
+
+
 def prepare(work: Path, models: List[str], n_utts: int, need_fp: bool = True) -> Dict:
     """Model configs/dirs and the utterances, shared by the workers (``need_fp=False``: the NF4 Whisper
     tiny.en alone is needed, so the demo's NF4 model is used even without its full-precision base)."""
@@ -232,7 +252,7 @@ def prepare(work: Path, models: List[str], n_utts: int, need_fp: bool = True) ->
                 src = adapters[0].parent
                 spec["tiny"]["adapter"] = shutil.copytree(src, work / "tiny_adapter" / src.parent.name / "adapter")
             spec["tiny"] = {k: str(v) for k, v in spec["tiny"].items()}
-        else:
+        elif has_bundled_tiny():
             from pqm_ext.bin.prepare_whisper_base import prepare_whisper_base
             from pqm_ext.bin.quantize import quantize_dir
 
@@ -241,11 +261,13 @@ def prepare(work: Path, models: List[str], n_utts: int, need_fp: bool = True) ->
             (work / "nf4.yaml").write_text(yaml.safe_dump({"quant_conf": {"method": "nf4"}}))
             nf4 = quantize_dir(base, work / "nf4.yaml", work / "tiny_nf4")
             spec["tiny"] = {"fp": str(base), "nf4": str(nf4), "source": "bundled tiny.en (temp dir)"}
+        else:
+            # e.g. a GPU machine without the weights: the decoding length is forced, so the architecture
+            # alone sets the time
+            spec["tiny"] = {**random_whisper(work, "whisper_tiny", WHISPER_TINY_DIMS),
+                            "source": "tiny.en dims, random weights (no full-precision tiny.en here)"}
     if "whisper_base" in models:
-        conf = {**WHISPER_CONF, "encoder_conf": {**WHISPER_CONF["encoder_conf"], "dims": WHISPER_BASE_DIMS},
-                "decoder_conf": {**WHISPER_CONF["decoder_conf"], "dims": WHISPER_BASE_DIMS}}
-        (work / "whisper_base.yaml").write_text(yaml.safe_dump(conf))
-        spec["base"] = {"config": str(work / "whisper_base.yaml"), "token_list": str(whisper_token_list(work))}
+        spec["base"] = random_whisper(work, "whisper_base", WHISPER_BASE_DIMS)
     if "conformer" in models:
         tokens = ["<blank>", "<unk>"] + [f"\u2581t{i}" for i in range(4997)] + ["<sos/eos>"]
         (work / "bpe5000.txt").write_text("\n".join(tokens) + "\n")
@@ -263,7 +285,7 @@ def build(spec: Dict, model_name: str, quantised: bool, device: str, double_quan
     from pqm_ext.quant import QuantConfig, quantize_model
 
     compute = "float16" if device == "cuda" else "float32"
-    if model_name == "whisper_tiny":
+    if model_name == "whisper_tiny" and "config" not in spec["tiny"]:
         from pqm_ext.asr.recognizer import Recognizer
 
         conf = dict(beam_size=1, ctc_weight=0.0, lm_weight=0.0, penalty=0.0, maxlenratio=0.15, nbest=1)
@@ -272,13 +294,13 @@ def build(spec: Dict, model_name: str, quantised: bool, device: str, double_quan
 
         primer, eos, ratio = greedy_settings(rec.s2t)
         return rec.model, primer, eos, ratio, WHISPER_LORA, spec["tiny"].get("adapter")
-    if model_name == "whisper_base":
+    if model_name.startswith("whisper"):
         from whisper.tokenizer import get_tokenizer
 
         from pqm_ext.tasks.pqm_asr import PQMASRTask
 
-        args = PQMASRTask.get_parser().parse_args(["--config", spec["base"]["config"],
-                                                   "--token_list", spec["base"]["token_list"]])
+        conf = spec["tiny" if model_name == "whisper_tiny" else "base"]
+        args = PQMASRTask.get_parser().parse_args(["--config", conf["config"], "--token_list", conf["token_list"]])
         torch.manual_seed(0)
         model = PQMASRTask.build_model(args)
         tok = get_tokenizer(multilingual=False)

@@ -26,8 +26,9 @@ run() {  # run NAME LIMIT_S SCRIPT ARGS...: one benchmark, its log, its status
 
 if [ "${device}" = cuda ]; then
     run multi_speaker 150 multi_speaker.py --device cuda --wait_load 1000
-    run decode_speed 300 decode_speed.py --device cuda --models whisper_base conformer \
-        --variants fp nf4_plain nf4_fast nf4_lora nf4_lora_fold --double_quant --repeats 5 --wait_load 1000 \
+    # interleaved: separate GPU processes of the same variant differ by up to 1.5x (docs/PERFORMANCE.md)
+    run decode_speed 360 decode_speed.py --device cuda --models conformer whisper_base whisper_tiny \
+        --variants fp nf4_fast nf4_lora nf4_lora_fold --double_quant --repeats 15 --interleave --wait_load 1000 \
         --json "${out}/decode_speed.json"
     run adapt_cost 120 adapt_cost.py --device cuda --wait_load 1000
 else
