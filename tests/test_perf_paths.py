@@ -7,7 +7,8 @@
   longer than the 8 s window included);
 * mixed-speaker batches (each row its own adapter; our batched LoRA and peft's) == per-speaker
   decoding with the adapter loaded, at the layer level and in stage 8 (``--mixed_batch``);
-* an adapter folded into the dequantised weight == the unmerged adapter.
+* an adapter folded into the dequantised weight == the unmerged adapter, also as stage 8 decodes one
+  speaker (``Recognizer.speaker``, ``--fold_adapters``).
 
 All on Whisper tiny.en (real weights) quantised to NF4, with synthesised speech and adapters whose B
 matrices are random (peft initialises B to zero, which would make every adapter the identity).
@@ -190,6 +191,23 @@ def test_folded_adapter_equals_unmerged_adapter(rec, adapter_dirs, utterances):
     torch.testing.assert_close(layer(x), want)  # unfolded again
 
 
+def test_speaker_block_folds_its_adapter_and_restores_the_layers(rec, adapter_dirs, utterances):
+    """``Recognizer.speaker`` (stage 8's per-speaker decoding): the speaker's adapter is loaded and folded
+    for the block, the hypothesis is the unmerged adapter's, and the layers are peft's again after."""
+    layer = [m for n, m in lora_layers(rec.model) if n.endswith("decoders.blocks.0.mlp.0")][0]
+    rec.use_adapter(adapter_dirs["s0"])
+    unmerged = rec(utterances[0])
+    rec.use_adapter(adapter_dirs["s1"])  # the block must load s0 itself
+    with rec.speaker(adapter_dirs["s0"]):
+        assert "folded_weight" in layer.__dict__
+        folded_hyp = rec(utterances[0])
+    assert "folded_weight" not in layer.__dict__ and "forward" not in layer.__dict__
+    assert folded_hyp == unmerged and rec.adapter_dir == str(adapter_dirs["s0"])
+    with rec.speaker(adapter_dirs["s0"], fold=False):
+        assert "folded_weight" not in layer.__dict__
+        assert rec(utterances[0]) == unmerged
+
+
 def test_folded_copy_keeps_the_cache_dtype(rec, adapter_dirs):
     """On a GPU the cache holds fp16 copies; the folded copy must too (one rounding, after the sum), not
     the float32 that the 4-bit state dequantises to. bfloat16 stands in for fp16 on the CPU."""
@@ -230,14 +248,15 @@ def test_stage8_mixed_batch_gives_the_per_speaker_hypotheses(nf4_dir, adapter_di
     conf.write_text(yaml.safe_dump(GREEDY))
     common = ["--exp_dir", str(exp), "--data", str(data), "--speakers", "s0", "s1", "--nutts", "2", "--inits",
               "pretrained", "--systems", "pqm_n2", "--decode_config", str(conf)]
-    decode_bin.main(common + ["--out_dir", str(tmp_path / "one")])
+    decode_bin.main(common + ["--out_dir", str(tmp_path / "one")])  # adapters folded (the default)
+    decode_bin.main(common + ["--out_dir", str(tmp_path / "unmerged"), "--fold_adapters", "false"])
     decode_bin.main(common + ["--out_dir", str(tmp_path / "mixed"), "--mixed_batch", "4"])
     for spk in ("s0", "s1"):
-        one = (tmp_path / "one" / "pqm_n2" / "hyp" / f"{spk}.txt").read_text()
-        mixed = (tmp_path / "mixed" / "pqm_n2" / "hyp" / f"{spk}.txt").read_text()
-        assert one == mixed and len(one.splitlines()) == 1
-        info = json.loads((tmp_path / "mixed" / "pqm_n2" / "hyp" / f"{spk}.json").read_text())
-        assert info["mixed_batch"] == 4 and info["utts"] == len(one.splitlines())
+        hyp = {d: (tmp_path / d / "pqm_n2" / "hyp" / f"{spk}.txt").read_text() for d in ("one", "unmerged", "mixed")}
+        assert hyp["one"] == hyp["unmerged"] == hyp["mixed"] and len(hyp["one"].splitlines()) == 1
+        info = {d: json.loads((tmp_path / d / "pqm_n2" / "hyp" / f"{spk}.json").read_text()) for d in hyp}
+        assert info["one"]["adapter_folded"] and not info["unmerged"]["adapter_folded"]
+        assert info["mixed"]["mixed_batch"] == 4 and info["mixed"]["utts"] == 1
     # a beam search config cannot be batched greedily: a clear input error naming the config
     conf.write_text(yaml.safe_dump({**GREEDY, "beam_size": 2}))
     with pytest.raises(SystemExit):

@@ -38,13 +38,15 @@ valid_fraction=0           # >0: hold out this fraction of a speaker's N utteran
 decode_config=             # default: conf/<model>/decode.yaml
 mixed_batch=0              # >0: greedy decoding in batches of this many utterances from different speakers,
                            # each with its own adapter (one job decodes all its speakers together)
+fold_adapters=true         # one speaker at a time: fold the adapter into the weights (W + B A s) while that
+                           # speaker is decoded; false: peft's unmerged LoRA (same hypotheses, slower)
 lora_args=                 # extra ESPnet trainer options for stages 6-7 (e.g. "--max_epoch 1")
 asr_args=                  # extra ESPnet trainer options for the Conformer base (stage 4)
 
 help_message="Usage: $0 [options]  (see the comments at the top of egs/TEMPLATE/pqm.sh)"
 options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts datadir dumpdir
          model_config whisper_checkpoint pretrained_model base_train_config nbpe quant baselines nutts inits
-         pseudo_labels valid_fraction decode_config mixed_batch lora_args asr_args"
+         pseudo_labels valid_fraction decode_config mixed_batch fold_adapters lora_args asr_args"
 . utils/parse_options.sh
 [ $# -eq 0 ] || { log "unexpected argument: $1"; exit 1; }
 . ./path.sh
@@ -175,7 +177,7 @@ if run 8; then
   ${cuda_cmd} --gpu "$ngpu" JOB=1:"$nj" $exp/decode/log/decode.JOB.log \
     python -m pqm_ext.bin.decode --exp_dir $exp --quant $quant --baselines $baselines --data $dump/sa_test \
       --speakers @$exp/decode/split/spk.JOB --nutts $nutts --inits $inits --decode_config "$decode_config" \
-      --ngpu "$ngpu" --mixed_batch "$mixed_batch"
+      --ngpu "$ngpu" --mixed_batch "$mixed_batch" --fold_adapters "$fold_adapters"
   python -m pqm_ext.bin.make_results --exp_dir $exp --quant $quant --baselines $baselines --data $dump/sa_test \
     --model $model --corpus "$corpus" --nutts $nutts --inits $inits --decode_config "$decode_config"
   log "RESULTS: $PWD/$exp/RESULTS.md"

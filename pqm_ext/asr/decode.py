@@ -28,8 +28,12 @@ def hyp_file(decode_dir: Path, spk: str) -> Path:
 
 
 def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[str], decode_root: Path,
-                   decode_conf: Dict, device: str = "cpu", mixed_batch: int = 0) -> List[str]:
+                   decode_conf: Dict, device: str = "cpu", mixed_batch: int = 0,
+                   fold_adapters: bool = True) -> List[str]:
     """Decode ``speakers`` with each system; return the failures as ``system/speaker: reason``.
+
+    ``fold_adapters``: decode each speaker with the adapter folded into the weights
+    (``Recognizer.speaker``), else with peft's unmerged LoRA.
 
     ``mixed_batch`` > 0: greedy decoding in batches of that many utterances, taken from different
     speakers in turn, each with its own speaker's adapter (``pqm_ext.asr.batch_decode``); the
@@ -54,18 +58,18 @@ def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[
         adapter_cfg = adapter_config_of(system.adapter_for(todo[0])) if system.adapter else None
         rec = Recognizer(system.model_dir, decode_conf, device=device, adapter=adapter_cfg)
         for spk in todo:
-            if system.adapter:
-                rec.use_adapter(system.adapter_for(spk))
             hyps, audio_s, t0 = {}, 0.0, time.perf_counter()
-            for utt in tqdm(spk2utt[spk], desc=f"{system.name} {spk}", mininterval=10):
-                speech, rate = read_audio(data.wav_scp[utt])
-                audio_s += len(speech) / rate
-                hyps[utt] = rec(speech).strip()
+            with rec.speaker(system.adapter_for(spk) if system.adapter else None, fold=fold_adapters):
+                for utt in tqdm(spk2utt[spk], desc=f"{system.name} {spk}", mininterval=10):
+                    speech, rate = read_audio(data.wav_scp[utt])
+                    audio_s += len(speech) / rate
+                    hyps[utt] = rec(speech).strip()
             elapsed = time.perf_counter() - t0
             out = hyp_file(decode_root / system.name, spk)
             write_text_atomic(out.with_suffix(".json"), json.dumps(
                 {"utts": len(hyps), "audio_s": audio_s, "decode_s": elapsed, "device": device,
-                 "adapter": str(system.adapter_for(spk) or ""), "decode_conf": decode_conf}))
+                 "adapter": str(system.adapter_for(spk) or ""), "adapter_folded": bool(system.adapter and fold_adapters),
+                 "decode_conf": decode_conf}))
             write_text_atomic(out, "".join(f"{u} {h}\n" for u, h in sorted(hyps.items())))
             logger.info("%s %s: %d utts, RTF %.3f", system.name, spk, len(hyps), elapsed / max(audio_s, 1e-9))
     return failures

@@ -3,10 +3,14 @@
 ``Speech2Text`` builds models through ``ASRTask`` only, so it is built from the base's
 ``config.yaml`` without weights; the base file (full precision or quantised, loaded without
 re-quantising) and the adapters are then put into that same model object in place, which the
-beam search already scores with. Switching speakers reloads only the adapter weights.
+beam search already scores with. Switching speakers reloads only the adapter weights, and
+``speaker()`` folds the adapter into the dequantised weights while that speaker is decoded: peft's
+unmerged LoRA adds small kernels to every layer at every decoder step (1.6-2.1x of fp16 on a GPU,
+docs/PERFORMANCE.md), one dense weight per layer does not.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Dict, Optional
@@ -16,6 +20,7 @@ import torch
 
 from pqm_ext.asr.model_io import MODEL_FILE, load_base
 from pqm_ext.lora import AdapterConfig, add_adapter, load_adapter
+from pqm_ext.lora.mixed import folded
 from pqm_ext.models.whisper import register_espnet_classes
 from pqm_ext.quant import QuantConfig, set_dequant_cache
 
@@ -60,6 +65,16 @@ class Recognizer:
         info = load_adapter(self.model, adapter_dir)
         self.adapter_dir = str(adapter_dir)
         return info
+
+    @contextlib.contextmanager
+    def speaker(self, adapter_dir=None, fold: bool = True):
+        """Decode as one speaker inside the block: ``adapter_dir`` loaded (None: the base alone) and,
+        with ``fold``, merged into each adapted layer's weight (``W + B A s``, one dense copy in place of
+        the layer's dequantisation cache) until the block ends."""
+        if adapter_dir is not None:
+            self.use_adapter(adapter_dir)
+        with folded(self.model) if fold and adapter_dir is not None else contextlib.nullcontext():
+            yield self
 
     def _encoder_frames(self, seconds: float) -> float:
         encoder = self.model.encoder

@@ -17,6 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
+from espnet2.utils.types import str2bool
+
 from pqm_ext.asr.batch_decode import NotGreedyError
 from pqm_ext.asr.config import read_yaml
 from pqm_ext.asr.decode import decode_systems
@@ -44,6 +46,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed_batch", type=int, default=0,
                    help="greedy decoding in batches of this many utterances from different speakers, each with "
                         "its own adapter (needs a greedy decode config: beam_size 1, ctc_weight 0); 0: one at a time")
+    p.add_argument("--fold_adapters", type=str2bool, default=True,
+                   help="decode each speaker with its adapter folded into the weights (W + B A s); false: "
+                        "peft's unmerged LoRA (same hypotheses up to float rounding, slower)")
     return p
 
 
@@ -63,7 +68,8 @@ def main(argv=None) -> None:
     out_dir = Path(a.out_dir) if a.out_dir else layout.root / "decode"
     try:
         failures = decode_systems(systems, data, speakers, out_dir, conf,
-                                  device="cuda" if a.ngpu > 0 else "cpu", mixed_batch=a.mixed_batch)
+                                  device="cuda" if a.ngpu > 0 else "cpu", mixed_batch=a.mixed_batch,
+                                  fold_adapters=a.fold_adapters)
     except NotGreedyError as e:
         raise InputError(Path(a.decode_config), f"--mixed_batch: {e}") from e
     if failures:
