@@ -39,6 +39,7 @@ Usage:
     OMP_NUM_THREADS=1 python bench/decode_speed.py                 # all models, CPU (+ GPU if present)
     python bench/decode_speed.py --models whisper_tiny --variants fp32 nf4_fast --batches 1
     python bench/decode_speed.py --device cuda --compile           # GPU only, with torch.compile
+    python bench/decode_speed.py --identity 4 --identity_model conformer   # fast == plain hypotheses on the demo
 """
 from __future__ import annotations
 
@@ -519,56 +520,65 @@ def interleaved_worker(job: Dict) -> Dict:
 
 
 # --------------------------------------------------------------------------- fast == plain on the demo
-def identity_on_demo(beam: int, limit: int = 0) -> str:
-    """Demo test set through Speech2Text (the recipe's decoding config, with ``beam``): fast path
-    (incremental decoder + dequantisation cache) vs plain path (ESPnet's full recomputation, no cache),
-    for NF4 and for NF4 + each speaker's own stage-7 adapter. Returns a summary line."""
+def identity_on_demo(beam: int, limit: int = 0, model: str = "whisper", data: Optional[str] = None) -> str:
+    """Demo test set through Speech2Text (the recipe's decoding config, with ``beam``): the fast path as
+    stage 8 runs it (dequantisation cache, Whisper's incremental decoder, each speaker's adapter folded
+    into the weights) vs the plain path (weights dequantised on every call, ESPnet's full recomputation,
+    peft's unmerged LoRA), for NF4 and for NF4 + each speaker's own stage-7 adapter. ``data``: the test
+    data dir (default: the demo's dump/raw/sa_test). Returns a summary line."""
 
-    from pqm_ext.asr.recognizer import Recognizer
-    from pqm_ext.data.audio import read_audio
     from pqm_ext.data.kaldi_dir import read_data_dir
-    from pqm_ext.lora import adapter_config_of
-    from pqm_ext.quant import set_dequant_cache
 
-    if not (DEMO_TEST / "wav.scp").is_file() or not (DEMO_EXP / "nf4" / "model.safetensors").is_file():
-        return "fast == plain on the demo: skipped (no demo experiment)"
-    conf = yaml.safe_load((DEMO / "conf" / "whisper" / "decode.yaml").read_text())
+    exp, test = DEMO / "exp" / model, Path(data) if data else DEMO_TEST
+    if not data and model == "conformer" and (DEMO / "dump_3h" / "raw" / "sa_test").is_dir():
+        test = DEMO / "dump_3h" / "raw" / "sa_test"  # the demo's Conformer ran on its 3 h pool's dumps
+    if not (test / "wav.scp").is_file() or not (exp / "nf4" / "model.safetensors").is_file():
+        return f"fast == plain on the demo: skipped (no demo experiment {exp} / {test})"
+    conf = yaml.safe_load((DEMO / "conf" / model / "decode.yaml").read_text())
     conf["beam_size"] = beam
-    data = read_data_dir(DEMO_TEST)
-    spk2utt = data.spk2utt()
+    data_dir = read_data_dir(test)
+    spk2utt = data_dir.spk2utt()
     adapters = None
     for setting in ("pretrained/n20", "scratch/n20", "pretrained/n10", "scratch/n10", "pretrained/n5", "scratch/n5"):
-        dirs = {s: DEMO_EXP / "adapt" / setting / s / "adapter" for s in spk2utt}
+        dirs = {s: exp / "adapt" / setting / s / "adapter" for s in spk2utt}
         if all((d / "adapter_model.safetensors").is_file() for d in dirs.values()):
             adapters = (setting, dirs)
             break
     out = []
     systems = [("nf4", None)] + ([(f"nf4+{adapters[0]}", adapters[1])] if adapters else [])
-    for label, dirs in systems:
-        cfg = adapter_config_of(next(iter(dirs.values()))) if dirs else None
-        rec = Recognizer(DEMO_EXP / "nf4", conf, adapter=cfg)
-        same = total = 0
-        t_fast = t_plain = 0.0
+    with contextlib.chdir(DEMO):  # the recipe's configs name files relative to it (the Conformer's bpe.model)
+        for label, dirs in systems:
+            out.append(_fast_vs_plain(label, dirs, exp, conf, data_dir, spk2utt, limit))
+    where = test.relative_to(DEMO) if test.is_relative_to(DEMO) else test
+    return f"fast == plain on the demo test set ({model}, {where}), Speech2Text beam {beam}: " + "; ".join(out)
+
+
+def _fast_vs_plain(label: str, dirs, exp: Path, conf: Dict, data_dir, spk2utt, limit: int) -> str:
+    """One system (``dirs``: each speaker's adapter, or None) decoded by both paths; a summary."""
+    from pqm_ext.asr.recognizer import Recognizer
+    from pqm_ext.data.audio import read_audio
+    from pqm_ext.lora import adapter_config_of
+    from pqm_ext.quant import set_dequant_cache
+
+    rec = Recognizer(exp / "nf4", conf, adapter=adapter_config_of(next(iter(dirs.values()))) if dirs else None)
+    incremental = hasattr(rec.model.decoder, "incremental")  # Whisper's; the Conformer's decoder has its cache
+    seconds, hyps = {}, {}
+    for path, fast in (("fast", True), ("plain", False)):
+        set_dequant_cache(rec.model, fast)
+        if incremental:
+            rec.model.decoder.incremental = fast
+        t0 = time.perf_counter()
         for spk, utts in spk2utt.items():
-            if dirs:
-                rec.use_adapter(dirs[spk])
-            for utt in utts[: limit or None]:
-                wav = read_audio(data.wav_scp[utt])[0]
-                rec.s2t.maxlenratio = rec.maxlenratio(len(wav))  # the recipe's per-utterance guard
-                set_dequant_cache(rec.model, True)
-                rec.model.decoder.incremental = True
-                t0 = time.perf_counter()
-                fast = rec.s2t(wav)[0]
-                t1 = time.perf_counter()
-                set_dequant_cache(rec.model, False)
-                rec.model.decoder.incremental = False
-                plain = rec.s2t(wav)[0]
-                t2 = time.perf_counter()
-                t_fast, t_plain = t_fast + t1 - t0, t_plain + t2 - t1
-                same += fast[0] == plain[0] and fast[3].yseq.tolist() == plain[3].yseq.tolist()
-                total += 1
-        out.append(f"{label}: {same}/{total} identical (fast {t_fast:.0f} s, plain {t_plain:.0f} s)")
-    return f"fast == plain on the demo test set, Speech2Text beam {beam}: " + "; ".join(out)
+            with rec.speaker(dirs[spk] if dirs else None, fold=fast):
+                for utt in utts[: limit or None]:
+                    wav = read_audio(data_dir.wav_scp[utt])[0]
+                    rec.s2t.maxlenratio = rec.maxlenratio(len(wav))  # the recipe's per-utterance guard
+                    best = rec.s2t(wav)[0]
+                    hyps[path, utt] = (best[0], best[3].yseq.tolist())
+        seconds[path] = time.perf_counter() - t0
+    utts = [u for path, u in hyps if path == "fast"]
+    same = sum(hyps["fast", u] == hyps["plain", u] for u in utts)
+    return f"{label}: {same}/{len(utts)} identical (fast {seconds['fast']:.0f} s, plain {seconds['plain']:.0f} s)"
 
 
 # --------------------------------------------------------------------------- main
@@ -600,6 +610,9 @@ def main(argv=None) -> None:
     p.add_argument("--identity", type=int, nargs="*", default=None, metavar="BEAM",
                    help="only check fast == plain hypotheses on the demo test set with these beams (default 1)")
     p.add_argument("--identity_limit", type=int, default=0, help="utterances per speaker (0: all)")
+    p.add_argument("--identity_model", default="whisper", choices=["whisper", "conformer"])
+    p.add_argument("--identity_data", default=None,
+                   help="test data dir (default: the demo's dump/raw/sa_test; dump_3h for the Conformer if present)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -609,7 +622,7 @@ def main(argv=None) -> None:
     if a.identity is not None:
         logging.disable(logging.WARNING)
         for beam in a.identity or [1]:
-            print(identity_on_demo(beam, a.identity_limit))
+            print(identity_on_demo(beam, a.identity_limit, a.identity_model, a.identity_data))
         return
     import torch
 

@@ -36,6 +36,7 @@ else
     run decode_speed 3600 decode_speed.py --device cpu --variants fp nf4_plain nf4_fast nf4_lora nf4_lora_fold \
         --n1 2 --wait_load 1000 --json "${out}/decode_speed.json"
     run identity 3600 decode_speed.py --identity 1 --identity_limit 3
+    run identity_conformer 3600 decode_speed.py --identity 4 --identity_limit 3 --identity_model conformer
     run multi_speaker 3600 multi_speaker.py --device cpu --wait_load 1000
     run adapt_cost 3600 adapt_cost.py --device cpu --wait_load 1000
 fi
