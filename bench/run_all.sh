@@ -31,6 +31,7 @@ if [ "${device}" = cuda ]; then
         --variants fp nf4_fast nf4_lora nf4_lora_fold --double_quant --repeats 15 --interleave --wait_load 1000 \
         --json "${out}/decode_speed.json"
     run adapt_cost 120 adapt_cost.py --device cuda --wait_load 1000
+    run fold_vs_unmerged 120 fold_vs_unmerged.py --device cuda
 else
     run compression 3600 compression.py
     run decode_speed 3600 decode_speed.py --device cpu --variants fp nf4_plain nf4_fast nf4_lora nf4_lora_fold \
@@ -39,4 +40,5 @@ else
     run identity_conformer 3600 decode_speed.py --identity 4 --identity_limit 3 --identity_model conformer
     run multi_speaker 3600 multi_speaker.py --device cpu --wait_load 1000
     run adapt_cost 3600 adapt_cost.py --device cpu --wait_load 1000
+    run fold_vs_unmerged 3600 fold_vs_unmerged.py --device cpu
 fi
