@@ -77,6 +77,8 @@ WHISPER_LORA = ["attn.query", "attn.key", "attn.value", "attn.out", "mlp.0", "ml
 CONFORMER_LORA = ["self_attn.linear_q", "self_attn.linear_k", "self_attn.linear_v", "self_attn.linear_out",
                   "src_attn.linear_q", "src_attn.linear_k", "src_attn.linear_v", "src_attn.linear_out",
                   "feed_forward.w_1", "feed_forward.w_2", "feed_forward_macaron.w_1", "feed_forward_macaron.w_2"]
+# --pointwise: the convolution modules' pointwise convolutions too (the recipe's option, off by default)
+CONFORMER_POINTWISE = ["conv_module.pointwise_conv1", "conv_module.pointwise_conv2"]
 WHISPER_BASE_DIMS = dict(n_mels=80, n_vocab=51864, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8,
                          n_audio_layer=6, n_text_ctx=448, n_text_state=512, n_text_head=8, n_text_layer=6)
 WHISPER_TINY_DIMS = {**WHISPER_BASE_DIMS, "n_audio_state": 384, "n_audio_head": 6, "n_audio_layer": 4,
@@ -333,11 +335,12 @@ def add_lora(model, targets, adapter_dir: Optional[str], seed: int = 0) -> str:
     cfg = AdapterConfig(rank=4, alpha=8.0, target_modules=targets)
     add_adapter(model, cfg)
     g = torch.Generator().manual_seed(seed)
+    layers = lora_layers(model)
     with torch.no_grad():
-        for _, layer in lora_layers(model):
+        for _, layer in layers:
             b = layer.lora_B["default"].weight
             b.copy_(torch.randn(b.shape, generator=g) * 0.01)
-    return "random adapter, rank 4"
+    return f"random adapter, rank 4, {len(layers)} layers"
 
 
 class Variant:
@@ -354,6 +357,8 @@ class Variant:
         cuda = device == "cuda"
         model, self.primer, self.eos, self.ratio, targets, adapter_dir = build(
             spec, name, variant != "fp", device, job.get("double_quant", False))
+        if name == "conformer" and job.get("pointwise"):
+            targets = targets + CONFORMER_POINTWISE
         self.note = add_lora(model, targets, adapter_dir) if variant.startswith("nf4_lora") else ""
         model.eval()
         if cuda:
@@ -603,6 +608,8 @@ def main(argv=None) -> None:
                    help="NF4 with double quantisation (random-weight models): smaller weights, same speed")
     p.add_argument("--wait_load", type=float, default=0.7, help="wait until the 1-min load is below this")
     p.add_argument("--max_wait", type=float, default=2700.0)
+    p.add_argument("--pointwise", action="store_true",
+                   help="the Conformer's adapter also on its pointwise convolutions (conv_module.pointwise_conv1/2)")
     p.add_argument("--interleave", action="store_true",
                    help="time all variants of a model in one process, in rotating rounds (robust ratios on a "
                         "GPU; peak memory becomes each pass's peak above what is resident)")
@@ -636,7 +643,8 @@ def main(argv=None) -> None:
         spec["double_quant"] = a.double_quant
         note = wait_for_quiet(a.wait_load, a.max_wait)
         t_start = time.time()
-        common = {"spec": spec, "n1": a.n1, "steps": a.steps, "double_quant": a.double_quant, "repeats": a.repeats}
+        common = {"spec": spec, "n1": a.n1, "steps": a.steps, "double_quant": a.double_quant, "repeats": a.repeats,
+                  "pointwise": a.pointwise}
         for device in devices:
             for model in a.models:
                 if a.interleave:
