@@ -7,9 +7,11 @@ differs. One utterance per speaker (the demo test set's, at most 8 s each), gree
 recipe's decoding config (length guard of 8 tokens per second of audio; natural lengths).
 
   switch_load       per speaker: load its adapter from disk (Recognizer.use_adapter), decode its
-                    utterance (batch 1, incremental decoder + dequantisation cache): stage 8's way
+                    utterance (batch 1, incremental decoder + dequantisation cache), LoRA unmerged:
+                    stage 8 with --fold_adapters false
   switch_preloaded  all adapters in memory, switch peft's active adapter, decode (batch 1)
-  switch_fold       load, fold the adapter into the dequantised weights, decode (batch 1)
+  switch_fold       load, fold the adapter into the dequantised weights (Recognizer.speaker), decode
+                    (batch 1): stage 8's way
   mixed_peft        one batch of 32 utterances, row i with speaker i's adapter, peft's mixed forward
   mixed_batched     the same with our batched LoRA (stacked A/B, gathered per row, two bmm per layer)
   one_adapter_b32   reference: a batch of 32 utterances all with one adapter (batching alone)
@@ -86,7 +88,7 @@ def run_modes(nf4_dir: str, dirs: Dict[str, Path], wavs: List, device: str, mode
     from pqm_ext.asr.batch_decode import batch_decode
     from pqm_ext.asr.recognizer import Recognizer
     from pqm_ext.lora import adapter_config_of
-    from pqm_ext.lora.mixed import folded, load_adapters
+    from pqm_ext.lora.mixed import load_adapters
     from pqm_ext.quant import set_dequant_cache
 
     spks = list(dirs)
@@ -128,8 +130,7 @@ def run_modes(nf4_dir: str, dirs: Dict[str, Path], wavs: List, device: str, mode
             def fn():
                 res = []
                 for s, w in zip(spks, wavs):
-                    rec.use_adapter(dirs[s])
-                    with folded(rec.model, "default"):
+                    with rec.speaker(dirs[s]):  # stage 8's per-speaker path: load and fold
                         res += batch_decode(rec, [w], batch_size=1)
                 return res
         elif mode == "switch_preloaded":

@@ -59,7 +59,7 @@ class RowAdapters:
         self.owner, self.impl = owner, impl
         self.names: List[Optional[str]] = list(names)
         self._peft_names: List[str] = []
-        self._gathered: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._gathered: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
         self._update()
 
     def select(self, index: Sequence[int]) -> None:
@@ -72,18 +72,18 @@ class RowAdapters:
         if self.impl == "batched":
             idx = torch.tensor([o.slot(n) for n in self.names], dtype=torch.long)
             self._gathered = {}
-            for key, (a, b, s) in o.stacks().items():
+            for key, (a, b, s, pointwise) in o.stacks().items():
                 i = idx.to(a.device)
                 # x (rows, T, in) @ A^T (rows, in, r) @ B^T (rows, r, out) * s (rows, 1, 1)
-                self._gathered[key] = (a[i].transpose(1, 2), b[i].transpose(1, 2), s[i].view(-1, 1, 1))
+                self._gathered[key] = (a[i].transpose(1, 2), b[i].transpose(1, 2), s[i].view(-1, 1, 1), pointwise)
 
     def _batched_forward(self, layer: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = layer.base_layer(x, *args, **kwargs)
-        at, bt, s = self._gathered[id(layer)]
+        at, bt, s, pointwise = self._gathered[id(layer)]
         if x.size(0) != at.size(0):
             raise ValueError(f"a batch of {x.size(0)} rows reached a LoRA layer set up for {at.size(0)} rows "
                              "(adapter names must be given per row of the batch)")
-        if is_pointwise_conv1d(layer.get_base_layer()):  # (rows, channels, T): channels last, and back
+        if pointwise:  # a pointwise convolution's x is (rows, channels, T): channels last, and back
             delta = torch.bmm(torch.bmm(x.transpose(1, 2).to(at.dtype), at), bt) * s
             return result + delta.transpose(1, 2).to(result.dtype)
         xr = x.reshape(x.size(0), -1, x.size(-1)).to(at.dtype)
@@ -100,7 +100,7 @@ class MixedAdapters:
         self.model, self.impl = model, impl
         self.internal: Dict[str, str] = {}
         self.infos: Dict[str, Dict] = {}
-        self._stacks: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+        self._stacks: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]] = None
 
     @property
     def names(self) -> List[str]:
@@ -132,14 +132,16 @@ class MixedAdapters:
             raise KeyError(f"no adapter loaded for {name!r} (loaded: {self.names[:5]}...)")
         return list(self.internal).index(name)
 
-    def stacks(self) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per LoRA layer: A (n+1, r, in), B (n+1, out, r), scale (n+1,); ranks padded with zeros."""
+    def stacks(self) -> Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
+        """Per LoRA layer: A (n+1, r, in), B (n+1, out, r), scale (n+1,), ranks padded with zeros; and whether
+        the layer is a pointwise convolution (decided here once, not at every forward)."""
         if self._stacks is None:
             self._stacks = {}
             keys = list(self.internal.values())
             for lname, layer in lora_layers(self.model):
                 base = layer.get_base_layer()
-                if not (isinstance(base, torch.nn.Linear) or is_pointwise_conv1d(base)):
+                pointwise = is_pointwise_conv1d(base)
+                if not (isinstance(base, torch.nn.Linear) or pointwise):
                     raise TypeError(f"{lname}: batched mixed adapters support linear layers and pointwise "
                                     "convolutions only (use impl='peft')")
                 present = [k for k in keys if k in layer.lora_A]
@@ -156,7 +158,7 @@ class MixedAdapters:
                     a[i, :ri] = _matrix(layer.lora_A[k].weight)
                     b[i, :, :ri] = _matrix(layer.lora_B[k].weight)
                     s[i] = layer.scaling[k]
-                self._stacks[id(layer)] = (a, b, s)
+                self._stacks[id(layer)] = (a, b, s, pointwise)
         return self._stacks
 
     @contextlib.contextmanager
