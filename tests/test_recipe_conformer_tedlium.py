@@ -24,7 +24,7 @@ TINY_DEMO = ("--num_target_speakers 3 --num_pool_speakers 2 --adapt_per_speaker 
 ARGS = ["--corpus", "tedlium3_sa", "--corpus_layout", "tedlium3", "--model", "conformer", "--demo_opts", TINY_DEMO,
         "--data_opts", "--num_target_speakers 2 --max_adapt 4 --num_test 3", "--nutts", "2 4", "--nbpe", "30",
         "--asr_args", "--max_epoch 1 --batch_bins 400000", "--lora_args", "--max_epoch 1 --batch_size 2",
-        "--nj", "2"]
+        "--pretrain_args", "--max_epoch 2", "--nj", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,19 @@ def test_stages_5_to_8_give_the_conformer_table_on_tedlium(recipe):
     assert "conformer on tedlium3_sa" in table and "| pqm | 4 |" in table
     dec = yaml.safe_load((REPO / "egs/TEMPLATE/conf/conformer/decode.yaml").read_text())
     assert dec["ctc_weight"] > 0 and dec["beam_size"] > 1  # stage 8 ran the joint CTC/attention beam search
+
+
+def test_pretrain_args_reach_stage_6_only(recipe):
+    """--pretrain_args come after --lora_args for stage 6's training; stage 7 keeps --lora_args' epoch count."""
+    from pqm_ext.lora.io import read_adapter
+
+    def max_epoch(adapter_dir: Path) -> int:
+        return json.loads(read_adapter(adapter_dir)[1]["pqm_info"])["max_epoch"]
+
+    exp = recipe / "exp/conformer"
+    assert max_epoch(exp / "lora_pretrain/adapter") == 2
+    speaker_adapters = sorted(exp.glob("adapt/*/n*/*/adapter"))
+    assert speaker_adapters and {max_epoch(d) for d in speaker_adapters} == {1}
 
 
 def test_early_stopping_holds_out_the_last_utterances_and_keeps_the_best_epoch(recipe, tmp_path):

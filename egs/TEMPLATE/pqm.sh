@@ -41,12 +41,15 @@ mixed_batch=0              # >0: greedy decoding in batches of this many utteran
 fold_adapters=true         # one speaker at a time: fold the adapter into the weights (W + B A s) while that
                            # speaker is decoded; false: peft's unmerged LoRA (same hypotheses, slower)
 lora_args=                 # extra ESPnet trainer options for stages 6-7 (e.g. "--max_epoch 1")
+pretrain_args=             # ... for stage 6 only, after lora_args (e.g. "--max_epoch 10 --optim_conf lr=0.005")
+adapt_args=                # ... for stage 7 only, after lora_args
 asr_args=                  # extra ESPnet trainer options for the Conformer base (stage 4)
 
 help_message="Usage: $0 [options]  (see the comments at the top of egs/TEMPLATE/pqm.sh)"
 options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts datadir dumpdir
          model_config whisper_checkpoint pretrained_model base_train_config nbpe quant baselines nutts inits
-         pseudo_labels valid_fraction decode_config mixed_batch fold_adapters lora_args asr_args"
+         pseudo_labels valid_fraction decode_config mixed_batch fold_adapters lora_args pretrain_args adapt_args
+         asr_args"
 . utils/parse_options.sh
 [ $# -eq 0 ] || { log "unexpected argument: $1"; exit 1; }
 . ./path.sh
@@ -143,7 +146,7 @@ if run 6; then
       python -m pqm_ext.bin.train_adapter --model_dir $exp/$quant \
         --train_config conf/lora_trainer.yaml conf/$model/lora_pretrain.yaml \
         --train_data $dump/pretrain --valid_data $dump/dev --out $exp/lora_pretrain --ngpu "$ngpu" --seed "$seed" \
-        --train_args "$lora_args"
+        --train_args "$lora_args $pretrain_args"
   fi
 fi
 
@@ -167,7 +170,7 @@ if run 7; then
       --speakers @$exp/adapt/split/spk.JOB --nutts $nutts --inits $inits $pseudo_opt --ngpu "$ngpu" --seed "$seed" \
       --valid_fraction "$valid_fraction" \
       --config scratch=conf/lora_trainer.yaml,conf/$model/adapt_scratch.yaml \
-      --config pretrained=conf/lora_trainer.yaml,conf/$model/adapt_pretrained.yaml --train_args "$lora_args"
+      --config pretrained=conf/lora_trainer.yaml,conf/$model/adapt_pretrained.yaml --train_args "$lora_args $adapt_args"
 fi
 
 if run 8; then
