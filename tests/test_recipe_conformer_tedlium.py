@@ -23,8 +23,8 @@ TINY_DEMO = ("--num_target_speakers 3 --num_pool_speakers 2 --adapt_per_speaker 
              "--pool_per_speaker 6 --dev_speakers 1 --dev_per_speaker 2")
 ARGS = ["--corpus", "tedlium3_sa", "--corpus_layout", "tedlium3", "--model", "conformer", "--demo_opts", TINY_DEMO,
         "--data_opts", "--num_target_speakers 2 --max_adapt 4 --num_test 3", "--nutts", "2 4", "--nbpe", "30",
-        "--asr_args", "--max_epoch 1 --batch_bins 400000", "--lora_args", "--max_epoch 1 --batch_size 2",
-        "--pretrain_args", "--max_epoch 2", "--nj", "2"]
+        "--asr_args", "--max_epoch 1 --batch_bins 400000", "--lora_args", "--max_epoch 3 --batch_size 2",
+        "--pretrain_args", "--max_epoch 2", "--adapt_args", "--max_epoch 1", "--nj", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +118,9 @@ def test_stages_5_to_8_give_the_conformer_table_on_tedlium(recipe):
     assert dec["ctc_weight"] > 0 and dec["beam_size"] > 1  # stage 8 ran the joint CTC/attention beam search
 
 
-def test_pretrain_args_reach_stage_6_only(recipe):
-    """--pretrain_args come after --lora_args for stage 6's training; stage 7 keeps --lora_args' epoch count."""
+def test_pretrain_and_adapt_args_each_reach_their_own_stage(recipe):
+    """--lora_args says 3 epochs for stages 6 and 7; --pretrain_args (2) and --adapt_args (1), which come after it,
+    each override it for their own stage only."""
     from pqm_ext.lora.io import read_adapter
 
     def max_epoch(adapter_dir: Path) -> int:
