@@ -59,7 +59,7 @@ def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[
         rec = Recognizer(system.model_dir, decode_conf, device=device, adapter=adapter_cfg)
         for spk in todo:
             hyps, audio_s, t0 = {}, 0.0, time.perf_counter()
-            with rec.speaker(system.adapter_for(spk) if system.adapter else None, fold=fold_adapters):
+            with rec.speaker(system.adapter_for(spk), fold=fold_adapters):  # None: the base alone
                 for utt in tqdm(spk2utt[spk], desc=f"{system.name} {spk}", mininterval=10):
                     speech, rate = read_audio(data.wav_scp[utt])
                     audio_s += len(speech) / rate
