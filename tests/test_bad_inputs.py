@@ -91,7 +91,7 @@ def test_missing_config_file(tmp_path):
 def test_bad_quantisation_config(tmp_path, conf, message):
     cfg = tmp_path / "quant.yaml"
     cfg.write_text(yaml.safe_dump(conf))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=f"^{cfg}: .*{message}"):  # the file is named, no traceback needed
         quantize_dir(tmp_path / "base", cfg, tmp_path / "nf4")
     assert not (tmp_path / "nf4").exists()
 
@@ -99,7 +99,7 @@ def test_bad_quantisation_config(tmp_path, conf, message):
 def test_missing_base_model(tmp_path):
     cfg = tmp_path / "quant.yaml"
     cfg.write_text(yaml.safe_dump({"quant_conf": {"method": "nf4"}}))
-    with pytest.raises(InputError, match=f"{tmp_path}/base/config.yaml: config file not found"):
+    with pytest.raises(InputError, match=f"{tmp_path}/base/model.safetensors: not found"):
         quantize_dir(tmp_path / "base", cfg, tmp_path / "nf4")
     assert not (tmp_path / "nf4").exists()
 
@@ -194,3 +194,30 @@ def test_interrupted_atomic_dir_leaves_nothing(tmp_path):
             (tmp / "half").write_text("written")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_pseudo_labels_are_left_out_and_all_empty_is_an_error(tmp_path, caplog):
+    """A teacher that decoded an utterance to nothing gives nothing to learn: that utterance is left out (and
+    said so); if every one is empty, the unit fails naming the file."""
+    from pqm_ext.asr.adapt import with_pseudo_labels
+
+    labels = tmp_path / "pseudo.txt"
+    with caplog.at_level("WARNING"):
+        assert with_pseudo_labels(["u0", "u1", "u2"], {"u0": "HELLO", "u1": "", "u2": "WORLD"}, labels) == ["u0", "u2"]
+    assert f"{labels}: 1 of 3 adaptation utterances have an empty pseudo-label and are left out (u1)" in caplog.text
+    with pytest.raises(InputError, match=f"{labels}: every pseudo-label of u0..u1 is empty"):
+        with_pseudo_labels(["u0", "u1"], {"u0": " ", "u1": ""}, labels)
+
+
+def test_a_bad_lora_conf_names_the_yaml_that_sets_it(tmp_path):
+    """Stage 6/7 merge several YAML files; a wrong LoRA option is reported against the one that holds lora_conf."""
+    from pqm_ext.asr.train import training_plan
+
+    (tmp_path / "nf4").mkdir()
+    (tmp_path / "nf4/config.yaml").write_text("encoder: conformer\n")
+    stage = tmp_path / "adapt_scratch.yaml"
+    stage.write_text(yaml.safe_dump({"lora_conf": {"rank": 0, "target_modules": ["linear_q"]}}))
+    trainer = tmp_path / "lora_trainer.yaml"
+    trainer.write_text("optim: adam\n")
+    with pytest.raises(InputError, match=f"^{stage}: lora_conf: LoRA rank must be >= 1, got 0"):
+        training_plan(tmp_path / "nf4", [stage, trainer], tmp_path / "data", tmp_path / "data", tmp_path / "out")

@@ -151,3 +151,40 @@ def test_stage_7_through_a_live_slurm(recipe, slurm, capsys):
     assert len(list((recipe / "exp/whisper/adapt/scratch").glob("n*/*/adapter"))) == 2 * 2
     with capsys.disabled():
         print(f"\n[live Slurm] stage 7: {submitted[0]}; both array tasks ended with code 0")
+
+
+def test_a_changed_option_redoes_exactly_the_units_it_changes(recipe):
+    """Finished units are kept only if made from the same inputs: stage 7 with other trainer options
+    retrains the speaker adapters, and stage 8 decodes again the systems that use them, nothing else."""
+    from pqm_ext.lora.io import adapter_info
+
+    before = outputs(recipe)
+    res = run_recipe(recipe, "--stage", "5", "--stop_stage", "8", "--adapt_args", "--max_epoch 2")
+    assert res.returncode == 0
+    assert "was made from other inputs, making it again: train_args: " in \
+        "".join(p.read_text() for p in (recipe / "exp/whisper/adapt/log").glob("adapt.*.log"))
+    after = outputs(recipe)
+    uses_speaker_adapters = re.compile(r"exp/whisper/(adapt/|decode/(lora_scratch|pqm)_n)")
+    assert {k for k in before if after[k] != before[k]} == {k for k in before if uses_speaker_adapters.match(k)}
+    units = list((recipe / "exp/whisper/adapt").glob("*/n*/*/adapter"))
+    assert len(units) == 8 and {adapter_info(u)["max_epoch"] for u in units} == {2}
+
+    # another decoding config: every system is decoded again, and the table names that config
+    alt = recipe / "decode_alt.yaml"
+    alt.write_text((recipe / "conf/whisper/decode.yaml").read_text().replace("max_tokens_per_second: 8",
+                                                                            "max_tokens_per_second: 6"))
+    before = outputs(recipe)
+    res = run_recipe(recipe, "--stage", "8", "--decode_config", str(alt))
+    assert res.returncode == 0
+    after = outputs(recipe)
+    assert {k for k in before if after[k] != before[k]} == {k for k in before if "/decode/" in k}
+    assert json.loads((recipe / "exp/whisper/results.json").read_text())["decode"]["max_tokens_per_second"] == 6
+
+    # a table for the old config from these hypotheses is refused, naming a hypothesis file
+    res = subprocess.run(["tools/venv/bin/python", "-m", "pqm_ext.bin.make_results", "--exp_dir",
+                          str(recipe / "exp/whisper"), "--data", str(recipe / "dump/raw/sa_test"), "--model", "whisper",
+                          "--corpus", "librispeech_sa", "--nutts", "2", "4", "--decode_config",
+                          str(recipe / "conf/whisper/decode.yaml")], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 1
+    assert re.search(r"decode/\w+/hyp/\w+\.json: decoded with other settings than the table's --decode_config "
+                     r"\(max_tokens_per_second: 6 -> 8\)", res.stderr), res.stderr[-2000:]

@@ -140,13 +140,14 @@ fi
 
 if run 6; then
   log "Stage 6: LoRA pretraining on $dump/pretrain -> $exp/lora_pretrain"
-  if [ -f $exp/lora_pretrain/adapter/adapter_model.safetensors ]; then log "exists: skipping"
-  else
-    ${cuda_cmd} --gpu "$ngpu" $exp/lora_pretrain/train.log \
-      python -m pqm_ext.bin.train_adapter --model_dir $exp/$quant \
-        --train_config conf/lora_trainer.yaml conf/$model/lora_pretrain.yaml \
-        --train_data $dump/pretrain --valid_data $dump/dev --out $exp/lora_pretrain --ngpu "$ngpu" --seed "$seed" \
-        --train_args "$lora_args $pretrain_args"
+  pretrain=(python -m pqm_ext.bin.train_adapter --model_dir $exp/$quant
+            --train_config conf/lora_trainer.yaml conf/$model/lora_pretrain.yaml
+            --train_data $dump/pretrain --valid_data $dump/dev --out $exp/lora_pretrain --ngpu "$ngpu" --seed "$seed"
+            --train_args "$lora_args $pretrain_args")
+  # an adapter made from other inputs (say --pretrain_args changed) is trained again; a current one is
+  # kept without overwriting its training log
+  if "${pretrain[@]}" --check; then log "exists, made from the same inputs: skipping"
+  else ${cuda_cmd} --gpu "$ngpu" $exp/lora_pretrain/train.log "${pretrain[@]}"
   fi
 fi
 
@@ -157,7 +158,7 @@ if run 7; then
   if [[ " $inits " == *" semi "* ]]; then
     log "pseudo-labels: the fp model decodes the adaptation data"
     split_speakers "$nj" $exp/pseudo_labels/split >/dev/null
-    ${decode_cmd} JOB=1:"$nj" $exp/pseudo_labels/log/decode.JOB.log \
+    ${cuda_cmd} --gpu "$ngpu" JOB=1:"$nj" $exp/pseudo_labels/log/decode.JOB.log \
       python -m pqm_ext.bin.decode --exp_dir $exp --out_dir $exp/pseudo_labels --systems fp --data $dump/sa_adapt \
         --speakers @$exp/pseudo_labels/split/spk.JOB --decode_config "$decode_config" --ngpu "$ngpu"
     cat $exp/pseudo_labels/fp/hyp/*.txt | sort > $exp/pseudo_labels/text

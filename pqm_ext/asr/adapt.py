@@ -11,7 +11,8 @@ ESPnet's trainer needs a validation set. By default it is the first two adaptati
 adapter trains on the rest and the epoch with the lowest held-out loss is kept (early stopping: a
 speaker the base already recognises is not over-trained). No test data is ever seen.
 
-Every (speaker, N, init) is a unit of work: skipped when its adapter exists, and a failure is
+Every (speaker, N, init) is a unit of work: skipped when its adapter exists and was made from the same
+inputs (options, base, pretrained adapter, utterances; ``pqm_ext.asr.train``), and a failure is
 recorded while the other units go on.
 """
 from __future__ import annotations
@@ -58,6 +59,21 @@ def read_labels(path: Path) -> Dict[str, str]:
     return labels
 
 
+def with_pseudo_labels(utts: Sequence[str], labels: Dict[str, str], labels_path) -> List[str]:
+    """The utterances to train on with pseudo-labels. One the teacher decoded to nothing has nothing to teach and
+    is left out (logged); one missing from the file is an error (the wrong file, or a failed decoding job)."""
+    absent = [u for u in utts if u not in labels]
+    if absent:
+        raise InputError(labels_path, f"no pseudo-label for {absent[0]} ({len(absent)} missing)")
+    kept = [u for u in utts if labels[u].strip()]
+    if not kept:
+        raise InputError(labels_path, f"every pseudo-label of {utts[0]}..{utts[-1]} is empty: nothing to adapt to")
+    if len(kept) < len(utts):
+        logger.warning("%s: %d of %d adaptation utterances have an empty pseudo-label and are left out (%s)",
+                       labels_path, len(utts) - len(kept), len(utts), ", ".join(u for u in utts if u not in kept))
+    return kept
+
+
 def adaptation_set(data: DataDir, utts: Sequence[str], labels: Optional[Dict[str, str]], labels_path=None) -> DataDir:
     subset = data.subset(utts)
     if labels is not None:
@@ -82,13 +98,12 @@ def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, 
             continue
         for init in inits:
             out = layout.adapt(init, n, spk)
-            if (out / ADAPTER / "adapter_model.safetensors").is_file():
-                continue
             try:
                 if init == "semi" and labels is None:
                     raise ValueError("init 'semi' needs pseudo-labels (--pseudo_text)")
-                train_utts, valid_utts = split_train_valid(order[:n], valid_fraction)
-                subset = adaptation_set(data, order[:n], labels if init == "semi" else None, pseudo_text)
+                utts = with_pseudo_labels(order[:n], labels, pseudo_text) if init == "semi" else order[:n]
+                train_utts, valid_utts = split_train_valid(utts, valid_fraction)
+                subset = adaptation_set(data, utts, labels if init == "semi" else None, pseudo_text)
                 data_dir, valid_dir = out / "data", out / "data_valid"
                 # Rewritten every time (they are small): a unit resumed with another valid_fraction or other
                 # pseudo-labels must not train on the split an earlier run wrote.
@@ -102,10 +117,8 @@ def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, 
                         "labels": str(pseudo_text) if init == "semi" else "reference"}
                 train_adapter(layout.quantized(), configs[init], data_dir, valid_dir, out, init_adapter=init_adapter,
                               ngpu=ngpu, seed=seed, info=info, extra_args=list(train_args),
-                              overrides={"adapter_select": "best" if early_stopping else "last"})
-                if not keep_checkpoints:
-                    for ckpt in (out / "train").glob("*.pth"):
-                        ckpt.unlink()
+                              overrides={"adapter_select": "best" if early_stopping else "last"},
+                              keep_checkpoints=keep_checkpoints)
                 logger.info("adapted %s n=%d init=%s", spk, n, init)
             except Exception as e:  # one unit's failure must not cost the others
                 logger.error("%s n=%d init=%s failed:\n%s", spk, n, init, traceback.format_exc())

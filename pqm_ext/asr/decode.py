@@ -1,8 +1,10 @@
 """Decode target speakers' test utterances with every system, one speaker file at a time.
 
 Each (system, speaker) writes ``decode/<system>/hyp/<spk>.txt`` atomically, with the audio
-duration and decoding time in ``<spk>.json``; existing files are skipped, so an interrupted job
-resumes where it stopped. A speaker whose adapter is missing is reported and the others go on.
+duration, decoding time and what it was made from (model, adapter, test utterances, decoding options)
+in ``<spk>.json``. A re-run skips the files made from the same inputs, so an interrupted job resumes
+where it stopped, and decodes again those whose inputs changed (``pqm_ext.utils.provenance``). A
+speaker whose adapter is missing is reported and the others go on.
 """
 from __future__ import annotations
 
@@ -15,16 +17,53 @@ from typing import Dict, List, Sequence
 from tqdm import tqdm
 
 from pqm_ext.asr.layout import System
+from pqm_ext.asr.model_io import MODEL_FILE
 from pqm_ext.data.audio import read_audio
 from pqm_ext.data.kaldi_dir import DataDir
 from pqm_ext.lora import adapter_config_of
+from pqm_ext.lora.io import WEIGHTS
 from pqm_ext.utils.fileio import write_text_atomic
+from pqm_ext.utils.provenance import file_digest, lines_digest, reusable
 
 logger = logging.getLogger(__name__)
 
 
 def hyp_file(decode_dir: Path, spk: str) -> Path:
     return Path(decode_dir) / "hyp" / f"{spk}.txt"
+
+
+def decode_inputs(system: System, spk: str, data: DataDir, utts: Sequence[str], decode_conf: Dict,
+                  mixed_batch: int = 0, fold_adapters: bool = True) -> Dict:
+    """What the hypotheses of ``spk`` by ``system`` are made from; recorded in ``<spk>.json``."""
+    adapter = system.adapter_for(spk)
+    return {"model": file_digest(Path(system.model_dir) / MODEL_FILE),
+            "adapter": file_digest(adapter / WEIGHTS) if adapter else None,
+            "test_utts": lines_digest(f"{u} {data.wav_scp[u]}" for u in utts),
+            "decode_conf": decode_conf, "mixed_batch": mixed_batch,
+            "fold_adapters": bool(fold_adapters) if adapter and not mixed_batch else None}
+
+
+def todo_speakers(system: System, data: DataDir, speakers: Sequence[str], decode_root: Path, decode_conf: Dict,
+                  mixed_batch: int = 0, fold_adapters: bool = True):
+    """(speakers to decode with their inputs, failures): a speaker is decoded unless its hypotheses were made
+    from the same inputs; one whose adapter is missing is a failure."""
+    spk2utt = data.spk2utt()
+    missing = [s for s in speakers if system.adapter and not (system.adapter_for(s) / WEIGHTS).is_file()]
+    failures = [f"{system.name}/{s}: adapter {system.adapter_for(s)} not found" for s in missing]
+    todo = {}
+    for spk in (s for s in speakers if s not in missing):
+        wanted = decode_inputs(system, spk, data, spk2utt[spk], decode_conf, mixed_batch, fold_adapters)
+        out = hyp_file(decode_root / system.name, spk)
+        if not (out.is_file() and reusable(_recorded(out.with_suffix(".json")), wanted, out)):
+            todo[spk] = wanted
+    return todo, failures
+
+
+def _recorded(info_json: Path):
+    try:
+        return json.loads(info_json.read_text()).get("made_from")
+    except (OSError, ValueError):
+        return None
 
 
 def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[str], decode_root: Path,
@@ -36,8 +75,9 @@ def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[
     (``Recognizer.speaker``), else with peft's unmerged LoRA.
 
     ``mixed_batch`` > 0: greedy decoding in batches of that many utterances, taken from different
-    speakers in turn, each with its own speaker's adapter (``pqm_ext.asr.batch_decode``); the
-    hypotheses are those of one-at-a-time greedy decoding. The decoding config must be greedy.
+    speakers in turn, each with its own speaker's adapter (``pqm_ext.asr.batch_decode``); for Whisper the
+    hypotheses are those of one-at-a-time greedy decoding, for a Conformer nearly so (its convolution
+    modules see the batch's padding). The decoding config must be greedy.
     """
     from pqm_ext.asr.recognizer import Recognizer
 
@@ -47,15 +87,11 @@ def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[
     spk2utt = data.spk2utt()
     failures = []
     for system in systems:
-        todo = [s for s in speakers if not hyp_file(decode_root / system.name, s).is_file()]
+        todo, missing = todo_speakers(system, data, speakers, decode_root, decode_conf, fold_adapters=fold_adapters)
+        failures += missing
         if not todo:
             continue
-        missing = [s for s in todo if system.adapter and not (system.adapter_for(s) / "adapter_model.safetensors").is_file()]
-        failures += [f"{system.name}/{s}: adapter {system.adapter_for(s)} not found" for s in missing]
-        todo = [s for s in todo if s not in missing]
-        if not todo:
-            continue
-        adapter_cfg = adapter_config_of(system.adapter_for(todo[0])) if system.adapter else None
+        adapter_cfg = adapter_config_of(system.adapter_for(next(iter(todo)))) if system.adapter else None
         rec = Recognizer(system.model_dir, decode_conf, device=device, adapter=adapter_cfg)
         for spk in todo:
             hyps, audio_s, t0 = {}, 0.0, time.perf_counter()
@@ -66,11 +102,13 @@ def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[
                     hyps[utt] = rec(speech).strip()
             elapsed = time.perf_counter() - t0
             out = hyp_file(decode_root / system.name, spk)
+            # hypotheses first, then the record that vouches for them: killed in between, the old record no
+            # longer matches and the speaker is decoded again
+            write_text_atomic(out, "".join(f"{u} {h}\n" for u, h in sorted(hyps.items())))
             write_text_atomic(out.with_suffix(".json"), json.dumps(
                 {"utts": len(hyps), "audio_s": audio_s, "decode_s": elapsed, "device": device,
                  "adapter": str(system.adapter_for(spk) or ""), "adapter_folded": bool(system.adapter and fold_adapters),
-                 "decode_conf": decode_conf}))
-            write_text_atomic(out, "".join(f"{u} {h}\n" for u, h in sorted(hyps.items())))
+                 "decode_conf": decode_conf, "made_from": todo[spk]}))
             logger.info("%s %s: %d utts, RTF %.3f", system.name, spk, len(hyps), elapsed / max(audio_s, 1e-9))
     return failures
 
@@ -95,10 +133,8 @@ def _decode_systems_mixed(systems: Sequence[System], data: DataDir, speakers: Se
     spk2utt = data.spk2utt()
     failures = []
     for system in systems:
-        todo = [s for s in speakers if not hyp_file(decode_root / system.name, s).is_file()]
-        missing = [s for s in todo if system.adapter and not (system.adapter_for(s) / "adapter_model.safetensors").is_file()]
-        failures += [f"{system.name}/{s}: adapter {system.adapter_for(s)} not found" for s in missing]
-        todo = [s for s in todo if s not in missing]
+        todo, missing = todo_speakers(system, data, speakers, decode_root, decode_conf, mixed_batch=batch_size)
+        failures += missing
         if not todo:
             continue
         rec = Recognizer(system.model_dir, decode_conf, device=device)
@@ -126,11 +162,12 @@ def _decode_systems_mixed(systems: Sequence[System], data: DataDir, speakers: Se
             mine = spk2utt[spk]
             audio_s = sum(audio[u] for u in mine)
             out = hyp_file(decode_root / system.name, spk)
+            write_text_atomic(out, "".join(f"{u} {hyps[u]}\n" for u in sorted(mine)))
             write_text_atomic(out.with_suffix(".json"), json.dumps(
                 {"utts": len(mine), "audio_s": audio_s, "decode_s": elapsed * audio_s / max(total_audio, 1e-9),
                  "device": device, "adapter": str(system.adapter_for(spk) or ""), "decode_conf": decode_conf,
-                 "mixed_batch": batch_size, "batch_decode_s": elapsed, "batch_audio_s": total_audio}))
-            write_text_atomic(out, "".join(f"{u} {hyps[u]}\n" for u in sorted(mine)))
+                 "mixed_batch": batch_size, "batch_decode_s": elapsed, "batch_audio_s": total_audio,
+                 "made_from": todo[spk]}))
         logger.info("%s: %d speakers, %d utts in mixed batches of %d, RTF %.3f", system.name, len(todo), len(utts),
                     batch_size, elapsed / max(total_audio, 1e-9))
     return failures

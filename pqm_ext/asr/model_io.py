@@ -1,7 +1,7 @@
 """Full-precision and quantised model files, and loading a base into a freshly built model.
 
-A model directory holds ESPnet's ``config.yaml`` (what ``ASRTask.build_model`` needs) and
-``model.safetensors``. Full-precision files carry ``format=pqm-fp-v1``; quantised ones are written
+A model directory holds ESPnet's ``config.yaml`` (what ``ASRTask.build_model`` needs),
+``model.safetensors`` and, for a BPE model, its ``bpe.model``. Full-precision files carry ``format=pqm-fp-v1``; quantised ones are written
 by ``pqm_ext.quant.save_quantized``. Both load with safetensors (no pickle).
 """
 from __future__ import annotations
@@ -15,13 +15,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from pqm_ext.quant import QuantConfig, load_quantized, quantize_model
-from pqm_ext.quant.checkpoint import FORMAT as QUANT_FORMAT, _base_state, tensors_fingerprint
+from pqm_ext.quant.checkpoint import FORMAT as QUANT_FORMAT, base_state, tensors_fingerprint
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_file
 
 logger = logging.getLogger(__name__)
 FP_FORMAT = "pqm-fp-v1"
 MODEL_FILE = "model.safetensors"
+BPE_MODEL = "bpe.model"
+
+
+def bundled_bpemodel(model_dir) -> Optional[str]:
+    """The sentencepiece model a model directory carries (stage 4 puts it there, stage 5 copies it along).
+
+    ESPnet's config.yaml names it by a path relative to the recipe that trained the model, which breaks
+    from any other directory; the copy next to the model does not.
+    """
+    path = Path(model_dir) / BPE_MODEL
+    return str(path) if path.is_file() else None
 
 
 def save_fp_model(model: torch.nn.Module, path, extra: Optional[Dict[str, str]] = None) -> None:
@@ -65,5 +76,5 @@ def load_base(model: torch.nn.Module, path, quant: QuantConfig) -> str:
     except RuntimeError as e:
         raise InputError(path, f"model file does not fit the model config: {e}") from e
     quantize_model(model, quant)
-    model.pqm_base_fingerprint = tensors_fingerprint(_base_state(model, quant))
+    model.pqm_base_fingerprint = tensors_fingerprint(base_state(model, quant))
     return model.pqm_base_fingerprint

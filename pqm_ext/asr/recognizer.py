@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from pqm_ext.asr.model_io import MODEL_FILE, load_base
+from pqm_ext.asr.model_io import MODEL_FILE, bundled_bpemodel, load_base
 from pqm_ext.lora import AdapterConfig, add_adapter, load_adapter
 from pqm_ext.lora.mixed import folded
 from pqm_ext.models.whisper import register_espnet_classes
@@ -43,6 +43,9 @@ class Recognizer:
         model_dir = Path(model_dir)
         decode_conf = dict(decode_conf)
         self.max_tokens_per_second = decode_conf.pop("max_tokens_per_second", None)
+        bpemodel = bundled_bpemodel(model_dir)
+        if bpemodel:  # not the config's path, relative to the recipe that trained the model
+            decode_conf.setdefault("bpemodel", bpemodel)
         self.s2t = Speech2Text(asr_train_config=str(model_dir / "config.yaml"), asr_model_file=None,
                                device="cpu", **decode_conf)
         self.model = self.s2t.asr_model
@@ -68,7 +71,8 @@ class Recognizer:
 
     @contextlib.contextmanager
     def speaker(self, adapter_dir=None, fold: bool = True):
-        """Decode as one speaker inside the block: ``adapter_dir`` loaded (None: the base alone) and,
+        """Decode as one speaker inside the block: ``adapter_dir`` loaded (None: nothing loaded, so the base
+        alone for a recognizer built without an adapter, else the adapter loaded last) and,
         with ``fold``, merged into each adapted layer's weight (``W + B A s``, one dense copy in place of
         the layer's dequantisation cache) until the block ends."""
         if adapter_dir is not None:

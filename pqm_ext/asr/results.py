@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from pqm_ext.asr.layout import INIT_SYSTEM, ExpLayout, System
 from pqm_ext.asr.score import UttScore, paired_bootstrap, score_utterances, summarize
 from pqm_ext.data.kaldi_dir import DataDir
+from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import write_text_atomic
+from pqm_ext.utils.provenance import canonical, changes
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,16 @@ def read_hyps(decode_dir: Path, speakers: Sequence[str]) -> Optional[Dict[str, s
             utt, _, text = line.partition(" ")
             hyps[utt] = text
     return hyps
+
+
+def check_decoded_with(decode_dir: Path, speakers: Sequence[str], decode_conf: Dict) -> None:
+    """Refuse to put hypotheses into a table that names decoding settings they were not made with."""
+    for spk in speakers:
+        f = decode_dir / "hyp" / f"{spk}.json"
+        used = json.loads(f.read_text()).get("decode_conf") if f.is_file() else None
+        if used is not None and canonical(used) != canonical(decode_conf):
+            raise InputError(f, "decoded with other settings than the table's --decode_config ("
+                                + "; ".join(changes(used, decode_conf)) + "): run stage 8's decoding with it first")
 
 
 def decode_timing(decode_dir: Path, speakers: Sequence[str]) -> Dict:
@@ -87,6 +99,7 @@ def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str,
         if hyps is None:
             logger.warning("%s: not decoded for every speaker, left out", system.name)
             continue
+        check_decoded_with(layout.decode(system.name), speakers, decode_conf)
         key = (system.group, system.n_utts)
         scored[key] = score_utterances(data.text, hyps)
         summaries[key] = summarize(scored[key], data.utt2spk)

@@ -2,7 +2,8 @@
 
 Writes ``<out>/model.safetensors`` (quantised checkpoint, reloadable bit-exactly without the
 full-precision weights), ``<out>/config.yaml`` (the base's ESPnet config), and
-``<out>/size_report.{txt,json}``.
+``<out>/size_report.{txt,json}``, the base's ``bpe.model`` if it has one, and ``<out>/made_from.json`` (digests of the base and its config, the
+quantisation options): a re-run keeps a model made from the same inputs and quantises again otherwise.
 
 Usage:
     python -m pqm_ext.bin.quantize --model_dir exp/whisper/base --quant_config conf/quant_nf4.yaml \
@@ -11,15 +12,20 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 from pathlib import Path
 
 from pqm_ext.asr.config import read_yaml
-from pqm_ext.asr.model_io import MODEL_FILE, load_base
+from pqm_ext.asr.model_io import BPE_MODEL, MODEL_FILE, bundled_bpemodel, load_base
 from pqm_ext.quant import QuantConfig, save_quantized, size_report, write_size_report
+from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_dir
 from pqm_ext.utils.cli import entry_point
+from pqm_ext.utils.provenance import canonical, file_digest, reusable
+
+MADE_FROM = "made_from.json"
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -37,10 +43,21 @@ def quantize_dir(model_dir, quant_config, out) -> Path:
     conf = read_yaml(quant_config)
     unknown = set(conf) - {"quant_conf"}
     if unknown:
-        raise ValueError(f"{quant_config}: unknown key(s) {sorted(unknown)}; expected quant_conf")
-    cfg = QuantConfig.from_dict(conf.get("quant_conf"))
+        raise InputError(quant_config, f"unknown key(s) {sorted(unknown)}; expected quant_conf")
+    try:
+        cfg = QuantConfig.from_dict(conf.get("quant_conf"))
+    except (TypeError, ValueError) as e:
+        raise InputError(quant_config, f"quant_conf: {e}") from e
     if not cfg.enabled:
-        raise ValueError(f"{quant_config}: method none leaves nothing to quantise (the base is {model_dir})")
+        raise InputError(quant_config, f"method none leaves nothing to quantise (the base is {model_dir})")
+    for name in (MODEL_FILE, "config.yaml"):
+        if not (model_dir / name).is_file():
+            raise InputError(model_dir / name, "not found: the full-precision model (stage 4) comes first")
+    made_from = {"base": file_digest(model_dir / MODEL_FILE), "base_config": file_digest(model_dir / "config.yaml"),
+                 "quant_conf": cfg.to_dict()}
+    if (out / MODEL_FILE).is_file() and reusable(_recorded(out / MADE_FROM), made_from, out):
+        logging.info("%s exists, made from the same inputs: skipping", out)
+        return out
     args = argparse.Namespace(**read_yaml(model_dir / "config.yaml"))
     args.quant_conf, args.lora_conf, args.base_model_file = {"method": "none"}, None, None
     model = PQMASRTask.build_model(args)
@@ -48,10 +65,20 @@ def quantize_dir(model_dir, quant_config, out) -> Path:
     report = size_report(model, storage_dtype=cfg.storage_dtype)
     with atomic_dir(out, overwrite=True) as tmp:
         shutil.copy(model_dir / "config.yaml", tmp / "config.yaml")
+        if bundled_bpemodel(model_dir):
+            shutil.copy(model_dir / BPE_MODEL, tmp / BPE_MODEL)
         save_quantized(model, tmp / MODEL_FILE, cfg, extra={"source": str(model_dir / MODEL_FILE)})
         write_size_report(report, tmp)
+        (tmp / MADE_FROM).write_text(json.dumps(canonical(made_from), indent=1))
     logging.info("%s: %s", out, report.to_text().splitlines()[-1])
     return out
+
+
+def _recorded(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @entry_point

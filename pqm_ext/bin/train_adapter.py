@@ -1,7 +1,9 @@
 """Stage 6: LoRA pretraining on the multi-speaker pool with the quantised base frozen.
 
 Runs ESPnet's trainer (resumable: re-running continues from its checkpoint) and saves the adapter
-in peft's format to ``<out>/adapter``.
+in peft's format to ``<out>/adapter``. An adapter made from the same inputs is kept; one made from
+other inputs (options, base, data) is trained again. ``--check`` only says which: exit status 0 if
+the adapter is current, 1 if training would run.
 
 Usage:
     python -m pqm_ext.bin.train_adapter --model_dir exp/whisper/nf4 --train_config conf/lora_trainer.yaml conf/whisper/lora_pretrain.yaml \
@@ -11,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 
-from pqm_ext.asr.train import train_adapter
+from pqm_ext.asr.train import is_current, train_adapter, training_plan
 from pqm_ext.utils.cli import entry_point
 
 
@@ -28,12 +31,18 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngpu", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train_args", default="", help="extra ESPnet trainer options, e.g. '--max_epoch 1'")
+    p.add_argument("--check", action="store_true", help="train nothing: exit 0 if the adapter is current, else 1")
     return p
 
 
 @entry_point
 def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
+    if a.check:
+        _, made_from = training_plan(a.model_dir, a.train_config, a.train_data, a.valid_data, a.out,
+                                     init_adapter=a.init_adapter, ngpu=a.ngpu, seed=a.seed,
+                                     extra_args=shlex.split(a.train_args))
+        sys.exit(0 if is_current(a.out, made_from) else 1)
     train_adapter(a.model_dir, a.train_config, a.train_data, a.valid_data, a.out, init_adapter=a.init_adapter,
                   ngpu=a.ngpu, seed=a.seed, info={"stage": "lora_pretrain", "train_data": a.train_data},
                   extra_args=shlex.split(a.train_args))

@@ -52,6 +52,17 @@ def read_adapter(adapter_dir):
     return tensors, meta
 
 
+def adapter_info(adapter_dir) -> Dict:
+    """The toolkit's record saved with the adapter (speaker, N, epochs, what it was made from, ...)."""
+    path = Path(adapter_dir) / WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise InputError(path, f"unreadable adapter (truncated or corrupt?): {e}") from e
+    return json.loads(meta.get("pqm_info", "{}"))
+
+
 def adapter_config_of(adapter_dir) -> AdapterConfig:
     _, meta = read_adapter(adapter_dir)
     return AdapterConfig.from_dict(json.loads(meta.get("pqm_adapter_config", "{}")))

@@ -1,0 +1,66 @@
+"""Records of what a unit of work was made from: when a re-run may reuse it, and what it says otherwise."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from pqm_ext.asr.train import MADE_FROM, discard_checkpoint_of_other_inputs
+from pqm_ext.utils.provenance import changes, file_digest, reusable
+
+
+def test_a_record_with_the_same_inputs_is_reused_in_any_json_spelling(caplog):
+    wanted = {"config": {"lr": 0.005, "target_modules": ("q", "v")}, "base": "ab12"}
+    recorded = json.loads(json.dumps(wanted))  # as read back from a file: the tuple is now a list
+    with caplog.at_level(logging.WARNING):
+        assert reusable(recorded, wanted, "exp/x/adapter")
+    assert caplog.records == []
+
+
+def test_a_changed_input_is_named_in_the_warning(caplog):
+    recorded = {"config": {"optim_conf": {"lr": 0.001}, "max_epoch": 3}, "base": "ab12"}
+    wanted = {"config": {"optim_conf": {"lr": 0.005}, "max_epoch": 3}, "base": "ab12"}
+    with caplog.at_level(logging.WARNING):
+        assert not reusable(recorded, wanted, "exp/x/adapter")
+    assert "exp/x/adapter was made from other inputs" in caplog.text
+    assert "config.optim_conf.lr: 0.001 -> 0.005" in caplog.text and "max_epoch" not in caplog.text
+
+
+def test_a_unit_without_a_record_is_made_again(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert not reusable(None, {"base": "ab12"}, "exp/x/nf4")
+    assert "exp/x/nf4: no record of what it was made from" in caplog.text
+
+
+def test_changes_lists_added_and_removed_keys():
+    assert changes({"a": 1, "b": {"c": 2}}, {"a": 1, "d": 3}) == ["b.c: 2 -> (none)", "d: (none) -> 3"]
+
+
+def test_file_digest_follows_the_content(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"one")
+    first = file_digest(f)
+    assert file_digest(f) == first
+    f.write_bytes(b"two")
+    os.utime(f, ns=(1, 1))  # even with an old mtime the size/mtime key changed, so the digest is recomputed
+    assert file_digest(f) != first
+
+
+def test_a_checkpoint_of_a_run_with_other_inputs_is_not_resumed(tmp_path):
+    """ESPnet would resume it with its saved optimiser state (the old learning rate)."""
+    train = tmp_path / "train"
+    train.mkdir()
+    old = {"config": {"optim_conf": {"lr": 0.001}}}
+    (train / MADE_FROM).write_text(json.dumps(old))
+    torch.save({"optimizers": [{"param_groups": [{"lr": 0.001}]}]}, train / "checkpoint.pth")
+    torch.save({}, train / "3epoch.pth")
+
+    discard_checkpoint_of_other_inputs(train, old)  # same inputs: resumed
+    assert (train / "checkpoint.pth").is_file() and (train / "3epoch.pth").is_file()
+
+    new = {"config": {"optim_conf": {"lr": 0.005}}}
+    discard_checkpoint_of_other_inputs(train, new)
+    assert list(train.glob("*.pth")) == []
+    assert json.loads((train / MADE_FROM).read_text()) == new  # the run that starts now is recorded
