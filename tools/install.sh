@@ -26,7 +26,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 stamp=$venv/.installed
-want=$(cat requirements.txt ../setup.py | sha1sum | cut -d' ' -f1)
+want=$(cat requirements.txt constraints.txt ../setup.py | sha1sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   log "tools/venv is up to date"
   exit 0

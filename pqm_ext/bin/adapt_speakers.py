@@ -1,13 +1,14 @@
 """Stage 7: speaker adaptive training — LoRA adapters per target speaker, N and initialisation.
 
 One job handles the speakers given to it (the stage runs one job per speaker through
-``${train_cmd} JOB=1:N``). Finished adapters are skipped; if a unit fails, the others still run
+``${cuda_cmd} JOB=1:N``). Adapters made from the same inputs are skipped, others trained (again); if a unit fails, the others still run
 and the job exits non-zero listing the failures.
 
 Usage:
     python -m pqm_ext.bin.adapt_speakers --exp_dir exp/whisper --data dump/raw/sa_adapt \
         --splits data/sa_splits --speakers 1089 --nutts 5 10 20 --inits scratch pretrained \
-        --config scratch=conf/adapt_scratch.yaml --config pretrained=conf/adapt_pretrained.yaml
+        --config scratch=conf/lora_trainer.yaml,conf/whisper/adapt_scratch.yaml \
+        --config pretrained=conf/lora_trainer.yaml,conf/whisper/adapt_pretrained.yaml
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def speakers_of(values):
     out = []
     for v in values:
         if v.startswith("@"):
+            if not Path(v[1:]).is_file():
+                raise InputError(v[1:], "speaker list not found")
             out += [s.strip() for s in Path(v[1:]).read_text().split() if s.strip()]
         else:
             out.append(v)

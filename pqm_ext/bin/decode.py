@@ -21,6 +21,7 @@ from espnet2.utils.types import str2bool
 
 from pqm_ext.asr.batch_decode import NotGreedyError
 from pqm_ext.asr.config import read_yaml
+from pqm_ext.asr.adapt import INITS
 from pqm_ext.asr.decode import decode_systems
 from pqm_ext.asr.layout import ExpLayout
 from pqm_ext.bin.adapt_speakers import speakers_of
@@ -37,7 +38,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="formatted test data dir")
     p.add_argument("--speakers", nargs="+", required=True, help="speaker ids, or @file")
     p.add_argument("--nutts", nargs="*", type=int, default=[])
-    p.add_argument("--inits", nargs="*", default=["scratch", "pretrained"])
+    p.add_argument("--inits", nargs="*", choices=INITS, default=["scratch", "pretrained"])
     p.add_argument("--no_pretrained", action="store_true", help="skip the pretrained-LoRA-only system")
     p.add_argument("--systems", nargs="*", default=None, help="decode only these systems")
     p.add_argument("--decode_config", required=True)

@@ -7,13 +7,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from pqm_ext.data.format import format_data_dir
 from pqm_ext.data.kaldi_dir import CHECK_AUDIO
-from pqm_ext.utils.errors import InputError
-from pqm_ext.utils.log import setup_logging
+from pqm_ext.utils.cli import entry_point
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -26,14 +23,10 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> None:
-    setup_logging()
     a = get_parser().parse_args(argv)
-    try:
-        format_data_dir(a.src, a.dst, nj=a.nj, sample_rate=a.sample_rate, check_audio=a.check_audio)
-    except InputError as e:  # a problem with the user's data: say where, without a traceback
-        logging.error("%s", e)
-        sys.exit(1)
+    format_data_dir(a.src, a.dst, nj=a.nj, sample_rate=a.sample_rate, check_audio=a.check_audio)
 
 
 if __name__ == "__main__":

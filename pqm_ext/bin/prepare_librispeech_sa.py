@@ -8,15 +8,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
 from pqm_ext.data.kaldi_dir import CHECK_AUDIO
 from pqm_ext.data.librispeech import prepare_librispeech_sa
 from pqm_ext.data.sa_split import SplitOptions
-from pqm_ext.utils.errors import InputError
-from pqm_ext.utils.log import setup_logging
+from pqm_ext.utils.cli import entry_point
 
 
 def add_split_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,9 +35,12 @@ def add_split_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def split_options(a: argparse.Namespace) -> SplitOptions:
-    return SplitOptions(num_target_speakers=a.num_target_speakers, max_adapt=a.max_adapt, min_adapt=a.min_adapt,
-                        num_test=a.num_test, seed=a.seed,
-                        target_speakers=tuple(a.target_speakers.split()) or None)
+    try:
+        return SplitOptions(num_target_speakers=a.num_target_speakers, max_adapt=a.max_adapt, min_adapt=a.min_adapt,
+                            num_test=a.num_test, seed=a.seed,
+                            target_speakers=tuple(a.target_speakers.split()) or None)
+    except ValueError as e:  # an option error, reported as argparse reports its own
+        raise SystemExit(f"error: {e}") from None
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -49,15 +49,11 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> None:
-    setup_logging()
     a = get_parser().parse_args(argv)
-    try:
-        prepare_librispeech_sa(Path(a.corpus), Path(a.data_dir), split_options(a), check_audio=a.check_audio,
-                               overwrite=a.overwrite == "true")
-    except InputError as e:  # a problem with the user's data: say where, without a traceback
-        logging.error("%s", e)
-        sys.exit(1)
+    prepare_librispeech_sa(Path(a.corpus), Path(a.data_dir), split_options(a), check_audio=a.check_audio,
+                           overwrite=a.overwrite == "true")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
 from pqm_ext.bin.prepare_librispeech_sa import add_split_arguments, split_options
 from pqm_ext.data.tedlium import prepare_tedlium3_sa
-from pqm_ext.utils.errors import InputError
-from pqm_ext.utils.log import setup_logging
+from pqm_ext.utils.cli import entry_point
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -26,15 +23,11 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> None:
-    setup_logging()
     a = get_parser().parse_args(argv)
-    try:
-        prepare_tedlium3_sa(Path(a.corpus), Path(a.data_dir), split_options(a), check_audio=a.check_audio,
-                            overwrite=a.overwrite == "true", sa_subsets=tuple(a.sa_subsets.split()))
-    except InputError as e:  # a problem with the user's data: say where, without a traceback
-        logging.error("%s", e)
-        sys.exit(1)
+    prepare_tedlium3_sa(Path(a.corpus), Path(a.data_dir), split_options(a), check_audio=a.check_audio,
+                        overwrite=a.overwrite == "true", sa_subsets=tuple(a.sa_subsets.split()))
 
 
 if __name__ == "__main__":

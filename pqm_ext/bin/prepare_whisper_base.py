@@ -6,7 +6,7 @@ converted here). The directory gets ESPnet's resolved ``config.yaml`` (dims fill
 ``model.safetensors``.
 
 Usage:
-    python -m pqm_ext.bin.prepare_whisper_base --config conf/model_whisper.yaml \
+    python -m pqm_ext.bin.prepare_whisper_base --config conf/whisper/model.yaml \
         --token_list data/token_list/whisper_en/tokens.txt --out exp/whisper/base
     python -m pqm_ext.bin.prepare_whisper_base ... --checkpoint /models/whisper/base.en.pt
 """
@@ -27,7 +27,7 @@ from pqm_ext.utils.cli import entry_point
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="ESPnet model config (conf/model_whisper.yaml)")
+    p.add_argument("--config", required=True, help="ESPnet model config (conf/whisper/model.yaml)")
     p.add_argument("--token_list", required=True, help="Whisper token list (espnet2.bin.whisper_export_vocabulary)")
     p.add_argument("--checkpoint", default="", help="openai-whisper checkpoint; empty: bundled tiny.en")
     p.add_argument("--out", required=True, help="output model directory")

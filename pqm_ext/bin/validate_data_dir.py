@@ -8,12 +8,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from pqm_ext.data.kaldi_dir import CHECK_AUDIO, validate_data_dir
-from pqm_ext.utils.errors import InputError
-from pqm_ext.utils.log import setup_logging
+from pqm_ext.utils.cli import entry_point
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -25,15 +22,11 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> None:
-    setup_logging()
     a = get_parser().parse_args(argv)
-    try:
-        for d in a.data_dir:
-            validate_data_dir(d, check_audio=a.check_audio, allow_resample=a.allow_resample)
-    except InputError as e:  # a problem with the user's data: say where, without a traceback
-        logging.error("%s", e)
-        sys.exit(1)
+    for d in a.data_dir:
+        validate_data_dir(d, check_audio=a.check_audio, allow_resample=a.allow_resample)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def tensors_fingerprint(tensors: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def _base_state(model: torch.nn.Module, cfg: QuantConfig) -> Dict[str, torch.Tensor]:
+def base_state(model: torch.nn.Module, cfg: QuantConfig) -> Dict[str, torch.Tensor]:
     """State dict without LoRA, unquantised floats cast to the storage dtype (lossless: they were rounded)."""
     storage = getattr(torch, cfg.storage_dtype)
     unq = {k for k in unquantized_float_tensors(model)}
@@ -68,7 +68,7 @@ def _base_state(model: torch.nn.Module, cfg: QuantConfig) -> Dict[str, torch.Ten
 
 def save_quantized(model: torch.nn.Module, path, cfg: QuantConfig, extra: Optional[Dict[str, str]] = None) -> str:
     """Write ``path`` atomically; return the base fingerprint (adapters record it)."""
-    tensors = _base_state(model, cfg)
+    tensors = base_state(model, cfg)
     fingerprint = tensors_fingerprint(tensors)
     metadata = {"format": FORMAT, "quant_config": json.dumps(cfg.to_dict()),
                 "architecture": architecture_fingerprint(model), "fingerprint": fingerprint}

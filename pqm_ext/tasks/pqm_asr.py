@@ -13,8 +13,9 @@ For Whisper targets (``token_type: whisper_en``), the preprocessor writes the tr
 does (leading space, sentence case); ESPnet's Whisper token converter prefixes ``<|notimestamps|>``,
 so training matches the ``<|startoftranscript|><|notimestamps|>`` prompt ESPnet decodes with.
 
-Usage:
-    python -m pqm_ext.bin.train --config conf/train.yaml --base_model_file exp/nf4/model.safetensors ...
+Used by ``pqm_ext.asr.train`` (stages 6 and 7); directly, as ESPnet's ``asr_train`` is:
+    python -c 'from pqm_ext.tasks.pqm_asr import PQMASRTask; PQMASRTask.main()' --config train.yaml \
+        --base_model_file exp/whisper/nf4/model.safetensors ...
 """
 from __future__ import annotations
 
