@@ -189,23 +189,22 @@ def test_cached_nf4_layers_under_autocast_match_a_dense_linear():
 # --------------------------------------------------------------------------- bitsandbytes CPU bug
 @pytest.mark.parametrize("shape", [(384, 240), (64, 48), (100, 96)])
 def test_cpu_dequantize_bug_is_worked_around(shape):
-    """bnb 0.50.2 dequantises row by row on the CPU, wrong when a row is not whole blocks (even widths;
-    odd ones take a generic path). Whisper's first convolution (384 x 80 x 3) is such a shape."""
+    """bnb 0.50.2's CPU kernel, on the AVX512 machines it was found on, dequantises row by row, wrong when a
+    row is not whole blocks (even widths; odd ones take a generic path). Whisper's first convolution
+    (384 x 80 x 3) is such a shape. On an AMD EPYC without AVX512 bitsandbytes was right: the toolkit's
+    dequantisation must be exact on both."""
     torch.manual_seed(1)
     weight = torch.randn(shape)
     packed, state = bnbF.quantize_4bit(weight, blocksize=64, quant_type="nf4")
     idx, absmax = reference_blockwise(weight, qlora_nf4_levels(), 64)
     expected = reference_dequantize(idx, absmax, bnbF.get_4bit_type("nf4", device="cpu"), 64, weight.shape)
 
-    raw = bnbF.dequantize_4bit(packed, state)
-    assert not torch.allclose(raw, expected, atol=1e-3), (
-        "bitsandbytes' CPU dequantize_4bit is right for this shape now: the workaround in "
-        "pqm_ext/quant/nf4.py (dequantize_params4bit) may be dropped")
-
     store = NF4Store(shape, weight=weight)
     assert torch.equal(store.dequantize_weight(), expected)
     assert torch.equal(dequantize_params4bit(store.weight), expected)
-    assert rel_err(store.dequantize_weight(), weight) < 0.11 < rel_err(raw, weight)
+    assert rel_err(store.dequantize_weight(), weight) < 0.11
+    raw = bnbF.dequantize_4bit(packed, state)  # bitsandbytes alone: right or, with the AVX512 kernel, far off
+    assert torch.allclose(raw, expected, atol=1e-3) or rel_err(raw, weight) > 0.11
 
 
 # --------------------------------------------------------------------------- NF4 vs uniform int4

@@ -119,7 +119,7 @@ def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, 
                               ngpu=ngpu, seed=seed, info=info, extra_args=list(train_args),
                               overrides={"adapter_select": "best" if early_stopping else "last"},
                               keep_checkpoints=keep_checkpoints)
-                logger.info("adapted %s n=%d init=%s", spk, n, init)
+                logger.info("%s n=%d init=%s: adapter ready", spk, n, init)
             except Exception as e:  # one unit's failure must not cost the others
                 logger.error("%s n=%d init=%s failed:\n%s", spk, n, init, traceback.format_exc())
                 failures.append(f"{spk} n={n} init={init}: {type(e).__name__}: {e}")

@@ -51,10 +51,11 @@ class _Prequantized:
 def dequantize_params4bit(param: Params4bit) -> torch.Tensor:
     """``bnb.functional.dequantize_4bit``, routed around a CPU kernel bug.
 
-    bitsandbytes 0.50.2's native CPU kernel dequantises a (rows, cols) weight row by row, which is
-    wrong when ``cols`` is not a multiple of the blocksize (blocks run across rows): e.g. Whisper's
-    first convolution (384 x 80 x 3) came back with a relative error of 1.1 instead of 0.09.
-    Dequantising the same packed data as one flat row is exact, so that is done for such shapes.
+    bitsandbytes 0.50.2's native CPU kernel (seen on AVX512 machines; on an AMD EPYC without AVX512 it was right)
+    dequantises a (rows, cols) weight row by row, which is wrong when ``cols`` is not a multiple of the
+    blocksize (blocks run across rows): e.g. Whisper's first convolution (384 x 80 x 3) came back with a
+    relative error of 1.1 instead of 0.09. Dequantising the same packed data as one flat row is exact on
+    every CPU, so that is done for such shapes.
     """
     qs = param.quant_state
     if param.device.type == "cpu" and qs.shape[-1] % qs.blocksize:
