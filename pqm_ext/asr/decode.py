@@ -23,7 +23,7 @@ from pqm_ext.data.kaldi_dir import DataDir
 from pqm_ext.lora import adapter_config_of
 from pqm_ext.lora.io import WEIGHTS
 from pqm_ext.utils.fileio import write_text_atomic
-from pqm_ext.utils.provenance import file_digest, lines_digest, reusable
+from pqm_ext.utils.provenance import file_digest, lines_digest, read_record, reusable
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +54,9 @@ def todo_speakers(system: System, data: DataDir, speakers: Sequence[str], decode
     for spk in (s for s in speakers if s not in missing):
         wanted = decode_inputs(system, spk, data, spk2utt[spk], decode_conf, mixed_batch, fold_adapters)
         out = hyp_file(decode_root / system.name, spk)
-        if not (out.is_file() and reusable(_recorded(out.with_suffix(".json")), wanted, out)):
+        if not (out.is_file() and reusable(read_record(out.with_suffix(".json"), "made_from"), wanted, out)):
             todo[spk] = wanted
     return todo, failures
-
-
-def _recorded(info_json: Path):
-    try:
-        return json.loads(info_json.read_text()).get("made_from")
-    except (OSError, ValueError):
-        return None
 
 
 def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[str], decode_root: Path,

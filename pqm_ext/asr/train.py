@@ -23,7 +23,7 @@ from pqm_ext.lora.config import AdapterConfig
 from pqm_ext.lora.io import WEIGHTS, adapter_info
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import write_text_atomic
-from pqm_ext.utils.provenance import canonical, file_digest, files_digest, reusable
+from pqm_ext.utils.provenance import canonical, file_digest, files_digest, read_record, reusable
 
 logger = logging.getLogger(__name__)
 ADAPTER = "adapter"
@@ -129,8 +129,7 @@ def discard_checkpoint_of_other_inputs(train_dir: Path, made_from: Dict) -> None
     checkpoint of a run with other inputs would silently continue that run. Record the inputs; drop such one."""
     record = train_dir / MADE_FROM
     if (train_dir / "checkpoint.pth").exists():
-        recorded = json.loads(record.read_text()) if record.is_file() else None
-        if not reusable(recorded, made_from, train_dir / "checkpoint.pth"):
+        if not reusable(read_record(record), made_from, train_dir / "checkpoint.pth"):
             for p in train_dir.glob("*.pth"):
                 p.unlink()
     write_text_atomic(record, json.dumps(canonical(made_from), indent=1))

@@ -2,8 +2,9 @@
 
 Writes ``<out>/model.safetensors`` (quantised checkpoint, reloadable bit-exactly without the
 full-precision weights), ``<out>/config.yaml`` (the base's ESPnet config), and
-``<out>/size_report.{txt,json}``, the base's ``bpe.model`` if it has one, and ``<out>/made_from.json`` (digests of the base and its config, the
-quantisation options): a re-run keeps a model made from the same inputs and quantises again otherwise.
+``<out>/size_report.{txt,json}``, the base's ``bpe.model`` if it has one, and ``<out>/made_from.json``
+(digests of the base and its config, the quantisation options): a re-run keeps a model made from the
+same inputs and quantises again otherwise.
 
 Usage:
     python -m pqm_ext.bin.quantize --model_dir exp/whisper/base --quant_config conf/quant_nf4.yaml \
@@ -23,7 +24,7 @@ from pqm_ext.quant import QuantConfig, save_quantized, size_report, write_size_r
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_dir
 from pqm_ext.utils.cli import entry_point
-from pqm_ext.utils.provenance import canonical, file_digest, reusable
+from pqm_ext.utils.provenance import canonical, file_digest, read_record, reusable
 
 MADE_FROM = "made_from.json"
 
@@ -55,7 +56,7 @@ def quantize_dir(model_dir, quant_config, out) -> Path:
             raise InputError(model_dir / name, "not found: the full-precision model (stage 4) comes first")
     made_from = {"base": file_digest(model_dir / MODEL_FILE), "base_config": file_digest(model_dir / "config.yaml"),
                  "quant_conf": cfg.to_dict()}
-    if (out / MODEL_FILE).is_file() and reusable(_recorded(out / MADE_FROM), made_from, out):
+    if (out / MODEL_FILE).is_file() and reusable(read_record(out / MADE_FROM), made_from, out):
         logging.info("%s exists, made from the same inputs: skipping", out)
         return out
     args = argparse.Namespace(**read_yaml(model_dir / "config.yaml"))
@@ -72,13 +73,6 @@ def quantize_dir(model_dir, quant_config, out) -> Path:
         (tmp / MADE_FROM).write_text(json.dumps(canonical(made_from), indent=1))
     logging.info("%s: %s", out, report.to_text().splitlines()[-1])
     return out
-
-
-def _recorded(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @entry_point

@@ -20,6 +20,15 @@ logger = logging.getLogger(__name__)
 MAX_SHOWN = 6  # changed keys listed in one warning
 
 
+def read_record(json_file, key: Optional[str] = None) -> Optional[Dict]:
+    """The record in ``json_file`` (or its ``key`` entry); None if there is none or it cannot be read."""
+    try:
+        record = json.loads(Path(json_file).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get(key) if key is not None and isinstance(record, dict) else record
+
+
 def file_digest(path) -> str:
     """A short SHA-256 of a file's bytes (computed once per process for an unchanged file)."""
     path = Path(path)
