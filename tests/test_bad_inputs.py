@@ -221,3 +221,21 @@ def test_a_bad_lora_conf_names_the_yaml_that_sets_it(tmp_path):
     trainer.write_text("optim: adam\n")
     with pytest.raises(InputError, match=f"^{stage}: lora_conf: LoRA rank must be >= 1, got 0"):
         training_plan(tmp_path / "nf4", [stage, trainer], tmp_path / "data", tmp_path / "data", tmp_path / "out")
+
+
+def test_a_table_refuses_a_decoding_record_it_cannot_read_or_that_names_other_settings(tmp_path):
+    from pqm_ext.asr.results import check_decoded_with, decode_timing
+    hyp = tmp_path / "decode" / "pqm_n20" / "hyp"
+    hyp.mkdir(parents=True)
+    conf = {"beam_size": 4, "ctc_weight": 0.3}
+    (hyp / "a.json").write_text('{"decode_conf": {"beam_size": 4, "ctc_weight": 0.3}, "audio_s": 2.0, "decode_s": 1.0}')
+    (hyp / "b.json").write_text('{"decode_conf": {"beam_size": 4, "ctc_weight": 0.3}, "audio_s": 2.0, "decode_s": 0.')
+    with pytest.raises(InputError, match=r"hyp/b\.json: not a readable decoding record .* run stage 8 again"):
+        check_decoded_with(hyp.parent, ["a", "b"], conf)
+    with pytest.raises(InputError, match=r"hyp/b\.json: not a readable decoding record"):
+        decode_timing(hyp.parent, ["a", "b"])
+    (hyp / "b.json").write_text('{"decode_conf": {"beam_size": 8, "ctc_weight": 0.3}, "audio_s": 2.0, "decode_s": 3.0}')
+    with pytest.raises(InputError, match=r"hyp/b\.json: decoded with other settings .*beam_size: 8 -> 4"):
+        check_decoded_with(hyp.parent, ["a", "b"], conf)
+    check_decoded_with(hyp.parent, ["a", "c"], conf)  # no record: nothing to refuse
+    assert decode_timing(hyp.parent, ["a", "b"]) == {"audio_s": 4.0, "decode_s": 4.0, "rtf": 1.0}

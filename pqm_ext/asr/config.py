@@ -36,9 +36,10 @@ def read_yaml(path) -> Dict:
 
 
 def merge_configs(paths: List, overrides: Optional[Dict] = None) -> Dict:
-    """Later files override earlier ones key by key; ``*_conf`` mappings merge one level deep."""
+    """Later files (or mappings already read) override earlier ones key by key; ``*_conf`` mappings merge
+    one level deep."""
     out: Dict = {}
-    for d in [read_yaml(p) for p in paths] + [overrides or {}]:
+    for d in [p if isinstance(p, dict) else read_yaml(p) for p in paths] + [overrides or {}]:
         for k, v in d.items():
             if k.endswith("_conf") and isinstance(v, dict) and isinstance(out.get(k), dict):
                 out[k] = {**out[k], **v}

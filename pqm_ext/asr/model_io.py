@@ -1,8 +1,9 @@
 """Full-precision and quantised model files, and loading a base into a freshly built model.
 
 A model directory holds ESPnet's ``config.yaml`` (what ``ASRTask.build_model`` needs),
-``model.safetensors`` and, for a BPE model, its ``bpe.model``. Full-precision files carry ``format=pqm-fp-v1``; quantised ones are written
-by ``pqm_ext.quant.save_quantized``. Both load with safetensors (no pickle).
+``model.safetensors`` and, for a BPE model, its ``bpe.model``. Full-precision files carry
+``format=pqm-fp-v1``; quantised ones are written by ``pqm_ext.quant.save_quantized``. Both load with
+safetensors (no pickle).
 """
 from __future__ import annotations
 

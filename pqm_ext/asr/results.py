@@ -35,22 +35,36 @@ def read_hyps(decode_dir: Path, speakers: Sequence[str]) -> Optional[Dict[str, s
     return hyps
 
 
+def decode_record(decode_dir: Path, spk: str) -> Optional[Dict]:
+    """Stage 8's record of how ``spk``'s hypotheses were made (None if there is none).
+
+    Unlike ``provenance.read_record``, which lets stage 8 redo a unit whose record is unreadable, a table
+    must not vouch for hypotheses whose record it cannot read: a corrupt file is an error naming it.
+    """
+    f = decode_dir / "hyp" / f"{spk}.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise InputError(f, f"not a readable decoding record ({e}): run stage 8 again to redo it") from None
+
+
 def check_decoded_with(decode_dir: Path, speakers: Sequence[str], decode_conf: Dict) -> None:
     """Refuse to put hypotheses into a table that names decoding settings they were not made with."""
     for spk in speakers:
-        f = decode_dir / "hyp" / f"{spk}.json"
-        used = json.loads(f.read_text()).get("decode_conf") if f.is_file() else None
+        used = (decode_record(decode_dir, spk) or {}).get("decode_conf")
         if used is not None and canonical(used) != canonical(decode_conf):
-            raise InputError(f, "decoded with other settings than the table's --decode_config ("
-                                + "; ".join(changes(used, decode_conf)) + "): run stage 8's decoding with it first")
+            raise InputError(decode_dir / "hyp" / f"{spk}.json",
+                             "decoded with other settings than the table's --decode_config ("
+                             + "; ".join(changes(used, decode_conf)) + "): run stage 8's decoding with it first")
 
 
 def decode_timing(decode_dir: Path, speakers: Sequence[str]) -> Dict:
     audio = dec = 0.0
     for spk in speakers:
-        f = decode_dir / "hyp" / f"{spk}.json"
-        if f.is_file():
-            d = json.loads(f.read_text())
+        d = decode_record(decode_dir, spk)
+        if d is not None:
             audio, dec = audio + d["audio_s"], dec + d["decode_s"]
     return {"audio_s": round(audio, 2), "decode_s": round(dec, 2), "rtf": round(dec / audio, 4) if audio else None}
 

@@ -49,10 +49,10 @@ def training_plan(model_dir, train_config, train_data, valid_data, out_dir, *, i
     data (digests), which decide whether an existing adapter is reused (``pqm_ext.utils.provenance``)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     train_configs = [train_config] if isinstance(train_config, (str, Path)) else list(train_config)
-    conf = merge_configs([model_dir / "config.yaml"] + train_configs, overrides)
+    base_conf, stage_conf = read_yaml(model_dir / "config.yaml"), merge_configs(train_configs, overrides)
+    conf = merge_configs([base_conf, stage_conf])
     # The options of another optimiser or scheduler class than the base's do not belong to it (the base's
     # warmuplr warmup_steps would reach a step scheduler, or no scheduler at all): they come from the stage alone.
-    base_conf, stage_conf = read_yaml(model_dir / "config.yaml"), merge_configs(train_configs, overrides)
     for name in ("optim", "scheduler"):
         if name in stage_conf and stage_conf[name] != base_conf.get(name):
             conf[f"{name}_conf"] = dict(stage_conf.get(f"{name}_conf") or {})
@@ -70,8 +70,9 @@ def training_plan(model_dir, train_config, train_data, valid_data, out_dir, *, i
     for key in ("config", "required", "version", "distributed", "train_data_path_and_name_and_type",
                 "valid_data_path_and_name_and_type", "train_shape_file", "valid_shape_file"):
         conf.pop(key, None)
-    if bundled_bpemodel(model_dir):
-        conf["bpemodel"] = bundled_bpemodel(model_dir)
+    bpemodel = bundled_bpemodel(model_dir)
+    if bpemodel:
+        conf["bpemodel"] = bpemodel
     if init_adapter and not (Path(init_adapter) / WEIGHTS).is_file():
         raise InputError(Path(init_adapter) / WEIGHTS, "initial adapter not found (the pretrained LoRA: stage 6)")
     made_from = {"base": file_digest(model_dir / MODEL_FILE),

@@ -1,8 +1,8 @@
 """Stage 7: speaker adaptive training — LoRA adapters per target speaker, N and initialisation.
 
 One job handles the speakers given to it (the stage runs one job per speaker through
-``${cuda_cmd} JOB=1:N``). Adapters made from the same inputs are skipped, others trained (again); if a unit fails, the others still run
-and the job exits non-zero listing the failures.
+``${cuda_cmd} JOB=1:N``). Adapters made from the same inputs are skipped, others trained (again); if a
+unit fails, the others still run and the job exits non-zero listing the failures.
 
 Usage:
     python -m pqm_ext.bin.adapt_speakers --exp_dir exp/whisper --data dump/raw/sa_adapt \
