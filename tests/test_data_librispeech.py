@@ -120,6 +120,13 @@ def _duplicate_id(root):
     trans.write_text("\n".join(rows[:2] + [rows[1]] + rows[2:]) + "\n")
 
 
+def _latin1_byte(root):
+    trans = _trans(_first_chapter(root))
+    rows = trans.read_bytes().split(b"\n")
+    rows[1] = rows[1] + b" CAF\xc9"
+    trans.write_bytes(b"\n".join(rows))
+
+
 # (corruption, extra data.sh args, expected fragment of the error; {chapter}/{trans}: the corrupted place)
 BAD = {
     "subset missing": (_drop_subset, [], "LibriSpeech/dev-clean: subset 'dev-clean' missing"),
@@ -128,6 +135,7 @@ BAD = {
     "flac does not decode": (_garbage_flac, [], "-0000.flac: cannot read audio header"),
     "empty transcript": (_empty_transcript, [], "{trans}:2: empty transcript for"),
     "duplicate id": (_duplicate_id, [], "{trans}:3: duplicate utterance id"),
+    "not UTF-8": (_latin1_byte, [], "{trans}:2: not UTF-8 text (byte 0xc9"),
     "too few utterances (draw)": (lambda r: None, ["--num_test", "5"],
                                   "only 0 of 3 speakers have at least 9 utterances (num_test 5 + min_adapt 4)"),
 }

@@ -106,8 +106,8 @@ BAD = {
                        "legacy/dev/stm: subset 'dev' missing"),
     "sph missing": (lambda r: _sph(r).unlink(), "{stm}: no audio for this talk"),
     "sph does not decode": (lambda r: _sph(r).write_bytes(b"NIST_1A garbage" * 50), ".sph: cannot read audio header"),
-    "empty transcript": (lambda r: _edit_stm(r, lambda rows: rows[:2] + [" ".join(rows[2].split()[:6])] + rows[3:]),
-                         "{stm}:3: empty transcript"),
+    "not UTF-8": (lambda r: _stm(r).write_bytes(_stm(r).read_bytes().replace(b" ", b" caf\xe9 ", 1)),
+                  "{stm}:1: not UTF-8 text (byte 0xe9"),
     "duplicate segment": (lambda r: _edit_stm(r, lambda rows: rows[:3] + [rows[2]] + rows[3:]),
                           "{stm}:4: duplicate utterance id"),
     "bad times": (lambda r: _edit_stm(r, lambda rows: rows[:1] + [_with_times(rows[1], "3.00", "0.50")] + rows[2:]),
@@ -143,3 +143,51 @@ def test_corpus_variable_empty(tmp_path):
     proc = run_data_sh(TED, tmp_path, *SPLIT_ARGS, env={"TEDLIUM3": str(tmp_path / "none")})
     assert proc.returncode == 1 and f"TEDLIUM3={tmp_path / 'none'}: no such directory" in proc.stderr
     assert_no_outputs(tmp_path / "data")
+
+
+def _rewrite(stm: Path, edit) -> None:
+    rows = [r.split(" ") for r in stm.read_text().splitlines()]
+    stm.write_text("".join(" ".join(edit(i, r)) + "\n" for i, r in enumerate(rows)))
+
+
+def test_the_real_releases_stm_conventions(tmp_path, tedlium_tree):
+    """What TED-LIUM 3's own stm files hold and the demo's do not: a person giving several talks, <unk>
+    (also before a split suffix), digits, and the labels <NA> (train) and <F0_M>/<F0_F> (legacy dev)."""
+    corpus = copy_tree(tedlium_tree, tmp_path / "corpus")
+    legacy = corpus / "TEDLIUM_release-3/legacy"
+    meta = yaml.safe_load((corpus / "speakers.yaml").read_text())
+    role = {s["id"]: s["role"] for s in meta["speakers"]}
+    gender = {s["id"]: s["gender"] for s in meta["speakers"]}
+    targets = sorted(t for t in stm_segments(corpus, "train") if role[t] == "target")
+    pool = sorted(t for t in stm_segments(corpus, "train") if role[t] != "target")
+    target, other_talk, same_person = targets[0], targets[1], pool[0]
+    # The target and a pool talk are given by the same person; TED-LIUM 3's train labels are <NA>.
+    for talk in (target, same_person):
+        _rewrite(legacy / "train/stm" / f"{talk}.stm", lambda i, r: r[:2] + ["SamePerson"] + r[3:5] + ["<NA>"] + r[6:])
+    # A <NA> line to ignore, one target segment with <unk> before a split suffix, one pool segment with a digit.
+    stm = legacy / "train/stm" / f"{same_person}.stm"
+    stm.write_text(stm.read_text() + f"{same_person} 1 inter_segment_gap 900.00 901.00 <NA> ignore_time_segment_in_scoring\n")
+    _rewrite(legacy / "train/stm" / f"{target}.stm", lambda i, r: r[:7] + ["<unk>", "'s"] + r[7:] if i == 1 else r)
+    _rewrite(legacy / "train/stm" / f"{pool[1]}.stm", lambda i, r: r[:7] + ["co", "2"] + r[7:] if i == 1 else r)
+    for dev_stm in (legacy / "dev/stm").glob("*.stm"):
+        mark = "<F0_M>" if gender[dev_stm.stem] == "m" else "<F0_F>"
+        _rewrite(dev_stm, lambda i, r: r[:5] + [mark] + r[6:])
+    proc, data = prepare(tmp_path, corpus, "--target_speakers", f"{target} {other_talk}", "--max_adapt", "3", "--num_test", "3")
+    assert proc.returncode == 0, proc.stderr
+    dirs = {name: validate_data_dir(data / name) for name in OUTPUTS[:4]}
+    # The pool keeps no talk of a target's speaker, and says so.
+    assert same_person not in dirs["pretrain"].speakers and pool[1] in dirs["pretrain"].speakers
+    assert f"same speakers as a target talk: {same_person}" in proc.stderr
+    # The <unk> segment is no SA candidate; the ignore line and the digit segment are nowhere.
+    unk_utt = [u for u, spk in dirs["sa_adapt"].utt2spk.items() if spk == target]
+    first = stm_segments(tedlium_tree, "train")[target][0]
+    unk_id = f"{target}-{round(first[0] * 100):07d}-{round(first[1] * 100):07d}"
+    assert len(unk_utt) == 3 and unk_id not in dirs["sa_adapt"].utt2spk and unk_id not in dirs["sa_test"].utt2spk
+    texts = [t for d in dirs.values() for t in d.text.values()]
+    assert not any("IGNORE" in t or t.startswith("CO ") for t in texts)
+    ignored = len(targets) + len(pool) + 1  # the demo's lead-in of every talk, and the <NA> line
+    assert f"dropped {ignored} ignore_time_segment_in_scoring, 1 with digits, 0 without words; 1 with <unk>" \
+        in proc.stderr, proc.stderr
+    # Dev's <F0_M>/<F0_F> are labels that give the talk's gender, not words.
+    assert dirs["dev"].spk2gender == {t: gender[t] for t in dirs["dev"].speakers}
+    assert not any(w.startswith("F") and "0" in w for t in dirs["dev"].text.values() for w in t.split())

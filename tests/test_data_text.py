@@ -23,6 +23,8 @@ def test_normalise_text(raw, expected):
     ("it 's {NOISE} a rock(2) and roll [laughter] thing", "IT'S A ROCK AND ROLL THING"),
     ("we don 't know the soldiers ' names", "WE DON'T KNOW THE SOLDIERS' NAMES"),
     ("<unk> {BREATH}", ""),
+    ("the <unk> 's house", "THE HOUSE"),     # a suffix joined to a marker goes with it
+    ("<unk> 's not", "NOT"),
 ])
 def test_normalise_tedlium(raw, expected):
     assert normalise_tedlium(raw) == expected

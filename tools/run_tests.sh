@@ -9,4 +9,4 @@ if [ -z "${PQM_TEST_SLURM:-}" ] && [ "$(id -u)" -eq 0 ] && command -v apt-get >/
   export PQM_TEST_SLURM=1
 fi
 export OMP_NUM_THREADS=1
-exec tools/venv/bin/python -m pytest -q -rs "$@"
+exec tools/venv/bin/python -m pytest -q -rs --durations=15 "$@"  # the 15 slowest tests: where CI time goes

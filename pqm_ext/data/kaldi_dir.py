@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from pqm_ext.data.audio import audio_info, read_audio
 from pqm_ext.data.text import is_normalised
@@ -118,28 +118,38 @@ class Row:
     value: str
 
 
+def numbered_lines(path: PathLike) -> Iterator[Tuple[int, str]]:
+    """(line number, line without its newline) of a UTF-8 text file; a line that is not UTF-8 is an
+    InputError naming the file and line (a corpus file with one stray Latin-1 byte is common)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise InputError(path, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})", n) from None
+
+
 def read_table(path: PathLike, what: str = "value") -> Dict[str, Row]:
     """Read ``<key> <value>`` lines, checking that keys are unique, sorted and have a value."""
     path = Path(path)
     rows: Dict[str, Row] = {}
     previous = None
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            parts = line.split(maxsplit=1)
-            if not parts:
-                raise InputError(path, "empty line", n)
-            key = parts[0]
-            value = parts[1].strip() if len(parts) > 1 else ""
-            if not value:
-                raise InputError(path, f"'{key}' has no {what}", n)
-            if key in rows:
-                raise InputError(path, f"duplicate id '{key}' (first on line {rows[key].line})", n)
-            if previous is not None and key < previous:
-                raise InputError(path, f"not sorted in C-locale order: '{key}' after '{previous}' "
-                                       f"(sort with LC_ALL=C sort)", n)
-            rows[key] = Row(n, key, value)
-            previous = key
+    for n, line in numbered_lines(path):
+        parts = line.split(maxsplit=1)
+        if not parts:
+            raise InputError(path, "empty line", n)
+        key = parts[0]
+        value = parts[1].strip() if len(parts) > 1 else ""
+        if not value:
+            raise InputError(path, f"'{key}' has no {what}", n)
+        if key in rows:
+            raise InputError(path, f"duplicate id '{key}' (first on line {rows[key].line})", n)
+        if previous is not None and key < previous:
+            raise InputError(path, f"not sorted in C-locale order: '{key}' after '{previous}' "
+                                   f"(sort with LC_ALL=C sort)", n)
+        rows[key] = Row(n, key, value)
+        previous = key
     return rows
 
 

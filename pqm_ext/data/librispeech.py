@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from pqm_ext.data.kaldi_dir import DataDir
+from pqm_ext.data.kaldi_dir import DataDir, numbered_lines
 from pqm_ext.data.sa_split import SplitOptions, check_prepared, corpus_stamp, make_sa_split, write_prepared
 from pqm_ext.data.text import normalise_text
 from pqm_ext.utils.errors import InputError
@@ -44,14 +44,13 @@ def read_speakers_txt(root: Path) -> Dict[str, Tuple[str, str]]:
     if not path.is_file():
         raise InputError(path, "missing (LibriSpeech's speaker list)")
     speakers = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip() or line.startswith(";"):
-                continue
-            fields = [x.strip() for x in line.split("|")]
-            if len(fields) < 3 or fields[1].upper() not in ("M", "F"):
-                raise InputError(path, "expected 'ID | SEX | SUBSET | MINUTES | NAME'", n)
-            speakers[fields[0]] = (fields[1].lower(), fields[2])
+    for n, line in numbered_lines(path):
+        if not line.strip() or line.startswith(";"):
+            continue
+        fields = [x.strip() for x in line.split("|")]
+        if len(fields) < 3 or fields[1].upper() not in ("M", "F"):
+            raise InputError(path, "expected 'ID | SEX | SUBSET | MINUTES | NAME'", n)
+        speakers[fields[0]] = (fields[1].lower(), fields[2])
     return speakers
 
 
@@ -72,27 +71,26 @@ def scan_subset(root: Path, subset: str, seen: Dict[str, Tuple[Path, int]]) -> D
                 raise InputError(trans, "transcript file missing")
             id_pattern = re.compile(rf"^{re.escape(prefix)}-\d+$")
             listed = set()
-            with open(trans, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    parts = line.strip().split(maxsplit=1)
-                    if not parts:
-                        continue
-                    utt = parts[0]
-                    if not id_pattern.match(utt):
-                        raise InputError(trans, f"id '{utt}' does not match {prefix}-NNNN", n)
-                    if utt in seen:
-                        first, first_line = seen[utt]
-                        raise InputError(trans, f"duplicate utterance id '{utt}' (first in {first}:{first_line})", n)
-                    seen[utt] = (trans, n)
-                    words = normalise_text(parts[1]) if len(parts) > 1 else ""
-                    if not words:
-                        raise InputError(trans, f"empty transcript for '{utt}'", n)
-                    if utt not in flacs:
-                        raise InputError(trans, f"no audio for '{utt}' ({chapter_dir / (utt + '.flac')} missing)", n)
-                    wav_scp[utt] = str(flacs[utt].resolve())
-                    text[utt] = words
-                    utt2spk[utt] = spk
-                    listed.add(utt)
+            for n, line in numbered_lines(trans):
+                parts = line.strip().split(maxsplit=1)
+                if not parts:
+                    continue
+                utt = parts[0]
+                if not id_pattern.match(utt):
+                    raise InputError(trans, f"id '{utt}' does not match {prefix}-NNNN", n)
+                if utt in seen:
+                    first, first_line = seen[utt]
+                    raise InputError(trans, f"duplicate utterance id '{utt}' (first in {first}:{first_line})", n)
+                seen[utt] = (trans, n)
+                words = normalise_text(parts[1]) if len(parts) > 1 else ""
+                if not words:
+                    raise InputError(trans, f"empty transcript for '{utt}'", n)
+                if utt not in flacs:
+                    raise InputError(trans, f"no audio for '{utt}' ({chapter_dir / (utt + '.flac')} missing)", n)
+                wav_scp[utt] = str(flacs[utt].resolve())
+                text[utt] = words
+                utt2spk[utt] = spk
+                listed.add(utt)
             skipped += len(set(flacs) - listed)
     if skipped:
         logging.warning("%s: %d flac files have no transcript and were skipped", subset_dir, skipped)

@@ -6,27 +6,38 @@ Input (the real release, or the demo tree of pqm_ext.demo in the same layout)::
     TEDLIUM_release-3/legacy/{train,dev,test}/stm/<talk>.stm
 
 stm lines are ``<talk> <channel> <speaker> <start> <end> [<label>] <transcript>``; ``;;`` lines are
-comments. Speakers are talks. Segments whose transcript is ``ignore_time_segment_in_scoring`` are
-dropped, as are segments left with no word after normalisation (only ``<unk>`` or noise markers);
-a segment with no transcript at all is an error. spk2gender comes from the stm labels
-(``<o,f0,male>``) when every talk of a subset has one gender. Utterance ids follow Kaldi's TED-LIUM recipe:
-``<talk>-<start in cs, 7 digits>-<end in cs, 7 digits>``.
+comments. The label is any ``<...>`` token in that place except the transcript markers ``<unk>`` and
+``<sil>``: ``<o,f0,male>`` in most files, ``<NA>`` in TED-LIUM 3's train stms and ``<F0_M>``/``<F0_F>``
+in the legacy dev set (spk2gender comes from them when every talk of a subset has one gender).
+Speakers are talks; the ``<speaker>`` field names the person giving it, which matters because one person
+may give several talks (below). Segments left out, each counted in the log:
+
+* a transcript with ``ignore_time_segment_in_scoring`` among its tokens (Kaldi and ESPnet drop these too);
+* a transcript with digits (``co 2``, ``100 percent``), which the normal form cannot spell (pqm_ext.data.text);
+* a segment with no word left after normalisation (no transcript at all, or only ``<unk>``/noise markers).
+
+Utterance ids follow Kaldi's TED-LIUM recipe: ``<talk>-<start in cs, 7 digits>-<end in cs, 7 digits>``.
 
 SA talks are held out of the training talks: the ``num_target_speakers`` targets are drawn from
 the legacy train talks with enough segments (pqm_ext.data.sa_split), and the pretraining pool is the
-remaining train talks. The legacy dev talks are the dev set. The legacy test talks (11 talks, about
+remaining train talks less every other talk by a target talk's speaker, so no target voice is in the
+pool. Segments whose transcript holds ``<unk>`` (often a real word the aligner did not know) are not
+SA candidates: an adaptation or test reference must say every word that was spoken; they stay in the
+pool with the marker removed. The legacy dev talks are the dev set. The legacy test talks (11 talks, about
 100 segments each, too few for 100 adaptation + test segments) are not used unless
 ``sa_subsets`` includes "test", in which case they are candidates too.
 """
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Set, Tuple
 
-from pqm_ext.data.kaldi_dir import DataDir, Segment
+from pqm_ext.data.kaldi_dir import DataDir, Segment, numbered_lines
 from pqm_ext.data.sa_split import SplitOptions, check_prepared, corpus_stamp, make_sa_split, write_prepared
-from pqm_ext.data.text import TEDLIUM_IGNORE, normalise_tedlium
+from pqm_ext.data.text import TEDLIUM_IGNORE, has_digits, normalise_tedlium
 from pqm_ext.utils.errors import InputError
 
 SUBSETS = ("train", "dev", "test")
@@ -45,84 +56,113 @@ def utt_id(talk: str, start: float, end: float) -> str:
     return f"{talk}-{round(start * 100):07d}-{round(end * 100):07d}"
 
 
+TRANSCRIPT_MARKERS = ("<unk>", "<sil>")  # <...> tokens that belong to the transcript, not the label
+
+
+def _is_label(token: str) -> bool:
+    return token.startswith("<") and token.endswith(">") and token.lower() not in TRANSCRIPT_MARKERS
+
+
 def _gender(label: str) -> Optional[str]:
-    """'m' or 'f' from an stm label such as ``<o,f0,male>``; None when it says neither."""
-    parts = label.strip("<>").split(",")
+    """'m' or 'f' from an stm label (``<o,f0,male>``, dev's ``<F0_M>``); None when it says neither."""
+    body = label.strip("<>").lower()
+    if body in ("f0_m", "f0_f"):
+        return body[-1]
+    parts = body.split(",")
     return {"male": "m", "female": "f"}.get(parts[-1]) if len(parts) == 3 else None
 
 
-def read_stm(stm: Path, sph: Path, seen: Dict[str, Tuple[Path, int]], data: DataDir) -> Tuple[int, int]:
-    """Add one talk's segments to ``data`` (and its gender to ``data.spk2gender`` when the labels agree on
-    one); returns the (ignored, empty after normalisation) segment counts."""
+@dataclass
+class StmNotes:
+    """What reading stm files learnt besides the data dir: the segments left out (counts), the
+    utterances whose transcript had ``<unk>``, and who gives each talk (the stm speaker field)."""
+
+    ignored: int = 0
+    digits: int = 0
+    empty: int = 0
+    unk: Set[str] = field(default_factory=set)
+    person: Dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (f"dropped {self.ignored} ignore_time_segment_in_scoring, {self.digits} with digits, "
+                f"{self.empty} without words")
+
+
+def read_stm(stm: Path, sph: Path, seen: Dict[str, Tuple[Path, int]], data: DataDir, notes: StmNotes) -> None:
+    """Add one talk's segments to ``data`` (and its gender to ``data.spk2gender`` when the labels agree
+    on one); what was left out and who gives the talk go to ``notes``."""
     talk = stm.stem
-    ignored = empty = 0
-    genders = set()
-    with open(stm, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip() or line.startswith(";;"):
-                continue
-            fields = line.split(maxsplit=6)
-            if len(fields) < 5:
-                raise InputError(stm, "expected '<talk> <channel> <speaker> <start> <end> [<label>] <text>'", n)
-            if fields[0] != talk:
-                raise InputError(stm, f"recording '{fields[0]}' does not match the file name '{talk}'", n)
-            try:
-                start, end = float(fields[3]), float(fields[4])
-            except ValueError:
-                raise InputError(stm, "start and end must be numbers", n) from None
-            if not 0 <= start < end:
-                raise InputError(stm, f"bad times {start} {end} (need 0 <= start < end)", n)
-            rest = fields[5:]
-            if rest and rest[0].startswith("<") and rest[0].endswith(">") and "," in rest[0]:
-                label, rest = rest[0], rest[1:]
-            else:
-                label = ""
-            transcript = " ".join(rest).strip()
-            if not transcript:
-                raise InputError(stm, "empty transcript", n)
-            if transcript == TEDLIUM_IGNORE:
-                ignored += 1
-                continue
-            words = normalise_tedlium(transcript)
-            if not words:
-                empty += 1
-                continue
-            utt = utt_id(talk, start, end)
-            if utt in seen:
-                first, first_line = seen[utt]
-                raise InputError(stm, f"duplicate utterance id '{utt}' (first in {first}:{first_line})", n)
-            seen[utt] = (stm, n)
-            genders.add(_gender(label))
-            data.text[utt] = words
-            data.utt2spk[utt] = talk
-            data.segments[utt] = Segment(talk, start, end)
+    genders, people = set(), Counter()
+    for n, line in numbered_lines(stm):
+        if not line.strip() or line.startswith(";;"):
+            continue
+        fields = line.split(maxsplit=6)
+        if len(fields) < 5:
+            raise InputError(stm, "expected '<talk> <channel> <speaker> <start> <end> [<label>] <text>'", n)
+        if fields[0] != talk:
+            raise InputError(stm, f"recording '{fields[0]}' does not match the file name '{talk}'", n)
+        try:
+            start, end = float(fields[3]), float(fields[4])
+        except ValueError:
+            raise InputError(stm, "start and end must be numbers", n) from None
+        if not 0 <= start < end:
+            raise InputError(stm, f"bad times {start} {end} (need 0 <= start < end)", n)
+        rest = " ".join(fields[5:]).split()
+        label = rest.pop(0) if rest and _is_label(rest[0]) else ""
+        if TEDLIUM_IGNORE in (w.lower() for w in rest):
+            notes.ignored += 1
+            continue
+        transcript = " ".join(rest)
+        if has_digits(transcript):
+            notes.digits += 1
+            continue
+        words = normalise_tedlium(transcript)
+        if not words:
+            notes.empty += 1
+            continue
+        utt = utt_id(talk, start, end)
+        if utt in seen:
+            first, first_line = seen[utt]
+            raise InputError(stm, f"duplicate utterance id '{utt}' (first in {first}:{first_line})", n)
+        seen[utt] = (stm, n)
+        genders.add(_gender(label))
+        people[fields[2]] += 1
+        if "<unk>" in transcript.lower():
+            notes.unk.add(utt)
+        data.text[utt] = words
+        data.utt2spk[utt] = talk
+        data.segments[utt] = Segment(talk, start, end)
     data.wav_scp[talk] = str(sph.resolve())
+    if people:
+        notes.person[talk] = people.most_common(1)[0][0]
     if len(genders) == 1 and None not in genders:
         data.spk2gender[talk] = genders.pop()
-    return ignored, empty
 
 
-def scan_subset(root: Path, subset: str, seen: Dict[str, Tuple[Path, int]]) -> DataDir:
+def scan_subset(root: Path, subset: str, seen: Dict[str, Tuple[Path, int]], notes: StmNotes) -> DataDir:
     """Read legacy/<subset>/{stm,sph} into a DataDir with segments."""
     base = root / "legacy" / subset
     for d in (base / "stm", base / "sph"):
         if not d.is_dir():
             raise InputError(d, f"subset '{subset}' missing (expected legacy/{subset}/sph and legacy/{subset}/stm)")
     data = DataDir(wav_scp={}, text={}, utt2spk={}, segments={}, spk2gender={})
-    ignored = empty = 0
+    counts = StmNotes()
     stms = sorted(base.joinpath("stm").glob("*.stm"))
     for stm in stms:
         sph = base / "sph" / f"{stm.stem}.sph"
         if not sph.is_file():
             raise InputError(stm, f"no audio for this talk ({sph} missing)")
-        i, e = read_stm(stm, sph, seen, data)
-        ignored, empty = ignored + i, empty + e
+        read_stm(stm, sph, seen, data, counts)
     if not data.utt2spk:
         raise InputError(base / "stm", f"subset '{subset}' has no segments")
     if set(data.spk2gender) != set(data.utt2spk.values()):
         data.spk2gender = None  # spk2gender must cover every speaker or be absent
-    logging.info("%s: %d talks, %d segments (dropped %d ignore_time_segment_in_scoring, %d without words)",
-                 base, len(stms), len(data.utt2spk), ignored, empty)
+    logging.info("%s: %d talks, %d segments (%s; %d with <unk>)", base, len(stms), len(data.utt2spk),
+                 counts.summary(), len(counts.unk))
+    notes.ignored, notes.digits, notes.empty = (notes.ignored + counts.ignored, notes.digits + counts.digits,
+                                                notes.empty + counts.empty)
+    notes.unk |= counts.unk
+    notes.person.update(counts.person)
     return data
 
 
@@ -154,13 +194,19 @@ def prepare_tedlium3_sa(corpus: Path, data_dir: Path, opts: SplitOptions, check_
         logging.info("%s is complete for these options: skipping", data_dir)
         return data_dir / "sa_splits"
     seen: Dict[str, Tuple[Path, int]] = {}
-    subsets = {s: scan_subset(root, s, seen) for s in SUBSETS if s in ("train", "dev") or s in sa_subsets}
+    notes = StmNotes()
+    subsets = {s: scan_subset(root, s, seen, notes) for s in SUBSETS if s in ("train", "dev") or s in sa_subsets}
     candidates = _merge([subsets[s] for s in sorted(sa_subsets)])
+    candidates = candidates.subset(u for u in candidates.utt2spk if u not in notes.unk)
     source = str(root / "legacy" / "+".join(sorted(sa_subsets)))
     adapt, test, splits, targets = make_sa_split(candidates, opts, source)
     logging.info("TED-LIUM 3 SA: %d target talks: %s", len(targets), " ".join(targets))
     train = subsets["train"]
-    held_out = set(targets)
+    target_people = {notes.person[t] for t in targets}
+    held_out = {talk for talk in train.speakers if talk in targets or notes.person.get(talk) in target_people}
+    if held_out - set(targets):
+        logging.info("also held out of the pretraining pool, given by the same speakers as a target talk: %s",
+                     " ".join(sorted(held_out - set(targets))))
     pretrain = train.subset(u for u, spk in train.utt2spk.items() if spk not in held_out)
     dirs = {"pretrain": pretrain, "dev": subsets["dev"], "sa_adapt": adapt, "sa_test": test}
     write_prepared(data_dir, dirs, splits, str(corpus), opts, extra, check_audio=check_audio, stamp=stamp)

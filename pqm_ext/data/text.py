@@ -10,11 +10,17 @@ letters A-Z and apostrophes only, separated by single spaces. Rules, in order:
   (LibriSpeech has ``'TIS`` and ``BROTHERS'``).
 
 TED-LIUM 3 transcripts are lower case, split contractions (``i 'm``) and carry markers; before the
-rules above :func:`normalise_tedlium` removes
+rules above :func:`normalise_tedlium`
 
-* ``<unk>`` and any other ``<...>`` token, and noise tokens in braces or brackets (``{NOISE}``, ``[laughter]``);
-* pronunciation-variant markers ``(2)`` (``word(2)`` -> ``word``);
-* the space before a token that starts with an apostrophe (``i 'm`` -> ``I'M``, ``it 's`` -> ``IT'S``).
+* removes pronunciation-variant markers ``(2)`` (``word(2)`` -> ``word``);
+* joins a token that starts with an apostrophe to the one before (``i 'm`` -> ``I'M``), as Kaldi's
+  ``join_suffix.py`` does;
+* then removes ``<unk>`` and any other ``<...>`` token, and noise tokens in braces or brackets
+  (``{NOISE}``, ``[laughter]``), with a suffix joined to them: ``the <unk> 's house`` is ``THE HOUSE``,
+  not ``THE'S HOUSE``.
+
+Digits are not letters: the normal form cannot spell ``co 2`` or ``100 percent``, so the corpus readers
+leave such transcripts out (:func:`has_digits`) rather than silently drop the spoken number.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ TEDLIUM_IGNORE = "ignore_time_segment_in_scoring"
 
 _SEPARATORS = re.compile(r"[-\u2010-\u2015_/]+")
 _NOT_ALLOWED = re.compile(r"[^A-Z'\s]+")
-_MARKER_TOKEN = re.compile(r"^(<[^>]*>|\{[^}]*\}|\[[^\]]*\])$")
+_MARKER_WORD = re.compile(r"^(<[^>]*>|\{[^}]*\}|\[[^\]]*\])('.*)?$")  # a marker, maybe with a joined suffix
 _VARIANT = re.compile(r"\(\d+\)")
 _NORMALISED = re.compile(r"^[A-Z']+( [A-Z']+)*$")
 
@@ -42,15 +48,18 @@ def normalise_text(text: str) -> str:
 
 def normalise_tedlium(text: str) -> str:
     """Normalise a TED-LIUM stm transcript (markers removed, contractions joined)."""
-    words = []
+    words: list = []
     for token in _VARIANT.sub("", text).split():
-        if _MARKER_TOKEN.match(token):
-            continue
         if token.startswith("'") and words:
             words[-1] += token
         else:
             words.append(token)
-    return normalise_text(" ".join(words))
+    return normalise_text(" ".join(w for w in words if not _MARKER_WORD.match(w)))
+
+
+def has_digits(text: str) -> bool:
+    """Whether a transcript says a number with digits (pronunciation variants ``(2)`` aside)."""
+    return any(c.isdigit() for c in _VARIANT.sub("", text))
 
 
 def is_normalised(text: str) -> bool:
