@@ -6,6 +6,7 @@ full recomputation and give the same beam-search hypotheses.
 """
 from __future__ import annotations
 
+import logging
 import re
 
 import jiwer
@@ -156,3 +157,21 @@ def test_beam_search_gives_the_same_hypotheses(recognizer, utterances, monkeypat
     assert torch.equal(ours[3].yseq, full[3].yseq)
     assert abs(float(ours[3].score) - float(full[3].score)) < 1e-3
     assert normalize(ours[0]) == normalize(utterances[2][1])
+
+
+def test_an_utterance_longer_than_whispers_window_is_reported(caplog):
+    """ESPnet's Whisper encoder keeps the first 30 s of its input: an utterance cut there would train or
+    score against words the model never heard, so the encoder says so instead of cutting silently."""
+    from pqm_ext.models.whisper import PQMWhisperEncoder
+
+    dims = dict(TINY_EN_DIMS, n_audio_state=8, n_audio_head=1, n_audio_layer=1)
+    encoder = PQMWhisperEncoder(dims=dims, pad_to_seconds=8).eval()
+    speech = torch.randn(2, 31 * 16000) * 0.01
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="pqm_ext.models.whisper"):
+        out, out_lens, _ = encoder(speech, torch.tensor([31 * 16000, 5 * 16000]))
+    assert out.shape[1] == 1500  # 30 s of encoder frames: the last second is gone
+    assert "1 utterance(s) longer than Whisper's 30 s window" in caplog.text and "longest 31.0 s" in caplog.text
+    caplog.clear()
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="pqm_ext.models.whisper"):
+        encoder(speech[:, :30 * 16000], torch.tensor([30 * 16000, 5 * 16000]))
+    assert "longer than Whisper" not in caplog.text

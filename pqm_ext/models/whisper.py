@@ -9,6 +9,7 @@ file saved by this toolkit. The class names contain "Whisper", which ESPnetASRMo
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -21,6 +22,8 @@ from espnet2.asr.encoder.abs_encoder import AbsEncoder
 from espnet2.asr.encoder.whisper_encoder import OpenAIWhisperEncoder
 from espnet2.asr.specaug.specaug import SpecAug
 from pqm_ext.utils.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 
 def _dims(dims: Dict):
@@ -59,6 +62,10 @@ class PQMWhisperEncoder(OpenAIWhisperEncoder):
         predicts end-of-text from that silence; unpadded short utterances make it loop. Padding to
         a shorter fixed window keeps the cue at a fraction of the cost of 30 s (``do_pad_trim``).
         """
+        too_long = int((ilens > self.pad_samples).sum())
+        if too_long:  # ESPnet's whisper_encode keeps the first 30 s; the transcript keeps every word
+            logger.warning("%d utterance(s) longer than Whisper's 30 s window: the encoder hears only their "
+                           "first 30 s (longest %.1f s)", too_long, float(ilens.max()) / 16000)
         if self.pad_to_seconds > 0 and not self.do_pad_trim:
             target = int(self.pad_to_seconds * 16000)
             if xs_pad.size(1) < target:
