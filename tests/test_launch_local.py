@@ -65,6 +65,7 @@ def test_failed_job_is_named_and_others_complete(tmp_path):
     [],                                           # nothing
     ["--bogus", "1", "JOB=1:2", "log/x.JOB.log", "true"],
     ["--gpu", "-1", "JOB=1:2", "log/x.JOB.log", "true"],
+    ["-p", "gpu", "JOB=1:2", "log/x.JOB.log", "true"],   # Kaldi's scheduler flags: not a log named '-p'
 ])
 def test_bad_usage_exits_2(tmp_path, args):
     res = launch("run", *args, cwd=tmp_path)
@@ -123,15 +124,16 @@ def test_wrapper_works_through_a_recipe_symlink(tmp_path):
     assert "\n2\n" in (recipe / "exp/log/w.2.log").read_text()
 
 
-def test_sigterm_stops_the_jobs_and_logs_it(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the ssh session dropped
+def test_a_signal_stops_the_jobs_and_logs_it(tmp_path, signum):
     proc = subprocess.Popen([str(REPO / "utils/run.sh"), "JOB=1:2", "log/k.JOB.log", "touch started.JOB; sleep 60"],
                             cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 20
     while not all((tmp_path / f"started.{i}").exists() for i in (1, 2)):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    proc.send_signal(signum)
+    assert proc.wait(timeout=20) == 128 + signum
     for i in (1, 2):
         assert f"# Ended (code {128 + signal.SIGTERM})" in (tmp_path / f"log/k.{i}.log").read_text()
 
@@ -139,3 +141,11 @@ def test_sigterm_stops_the_jobs_and_logs_it(tmp_path):
 def test_help(tmp_path):
     res = launch("slurm", "--help", cwd=tmp_path)
     assert res.returncode == 0 and "usage: slurm.sh" in res.stdout and "sbatch --array" in res.stdout
+
+
+def test_job_glued_to_a_word_is_not_replaced_and_says_so(tmp_path):
+    res = launch("run", "JOB=1:2", "log/g.JOB.log", "echo out_JOB.ark out.JOB.ark", cwd=tmp_path)
+    assert res.returncode == 0 and "JOB inside a word of the command is not replaced" in res.stderr
+    assert "out_JOB.ark out.2.ark" in (tmp_path / "log/g.2.log").read_text()
+    res = launch("run", "JOB=1:2", "log/h.JOB.log", "echo ${JOB} $JOB x.JOB", cwd=tmp_path)
+    assert res.returncode == 0 and "warning" not in res.stderr

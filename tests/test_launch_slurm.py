@@ -4,8 +4,14 @@
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +51,7 @@ def test_builtin_default_matches_template():
     ("command sbatch\nqueue gpu\n", "x.conf:2: unknown line type 'queue'"),
     ("option mem=* --mem $0\n", "x.conf: no 'command"),
     ("command sbatch\noption mem\n", "x.conf:2: expected"),
+    ('command sbatch --comment "my job\n', "x.conf:1: No closing quotation (shell quoting)"),
 ])
 def test_bad_config_is_an_error(tmp_path, text, message):
     (tmp_path / "x.conf").write_text(text)
@@ -59,11 +66,90 @@ def test_option_without_rule_exits_2(tmp_path):
     assert res.returncode == 2 and "--gpu 1: x.conf has no 'option gpu=...' rule" in res.stderr
 
 
+# ---- waiting for the tasks' results: a fake squeue, no Slurm needed ----
+
+def _request(tmp_path: Path, n: int = 1):
+    from pqm_ext.launch.common import Request
+    from pqm_ext.launch.slurm import Paths
+
+    req = Request(log=str(tmp_path / "log/w.JOB.log"), command="true", var="JOB", first=1, last=n)
+    paths = Paths(req)
+    paths.qdir.mkdir(parents=True)
+    return req, paths
+
+
+@pytest.fixture
+def squeue_says_finished(tmp_path, monkeypatch):
+    """squeue knows the job no more (every task final), as after the array ended."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho COMPLETED\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_a_status_written_late_on_another_host_is_waited_for(tmp_path, squeue_says_finished, monkeypatch):
+    """On NFS the submit host may see a compute node's new file 30-60 s late: squeue's "finished" is not
+    the end of the wait (Kaldi's slurm.pl waits too)."""
+    from pqm_ext.launch.common import Signals
+    from pqm_ext.launch.slurm import wait
+
+    monkeypatch.setenv("PQM_SLURM_STATUS_GRACE", "20")
+    req, paths = _request(tmp_path, 2)
+    paths.status(1).write_text("0\n")
+    late = threading.Timer(3.0, lambda: paths.status(2).write_text("0\n"))
+    late.start()
+    try:
+        assert wait("7", req, paths, Signals("t", lambda: None), "t") == {1: 0, 2: 0}
+    finally:
+        late.cancel()
+
+
+def test_without_a_status_the_logs_footer_decides(tmp_path, squeue_says_finished, monkeypatch):
+    from pqm_ext.launch.common import Signals
+    from pqm_ext.launch.slurm import wait
+
+    monkeypatch.setenv("PQM_SLURM_STATUS_GRACE", "0.2")
+    req, paths = _request(tmp_path, 3)
+    Path(req.log_for(1)).write_text("# true\n#\n# Accounting: time=1 threads=1\n# Ended (code 0) at now\n")
+    Path(req.log_for(2)).write_text("# true\n#\n# Ended (code 143) at now, elapsed time 3 seconds\n")
+    assert wait("7", req, paths, Signals("t", lambda: None), "t") == {1: 0, 2: 143, 3: None}
+
+
+def test_a_terminated_task_writes_no_status(tmp_path):
+    """SIGTERM reaches a task on scancel, at its time limit and when it is preempted or requeued: it writes
+    its log's footer but no status, so the launcher waits for a requeued task instead of failing it."""
+    req, paths = _request(tmp_path)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(dict(log=req.log, command="touch started; sleep 60", var="JOB", first=1, last=1,
+                                    options={})))
+    proc = subprocess.Popen([sys.executable, "-m", "pqm_ext.launch.task", str(spec), "1"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 30
+    while not (tmp_path / "started").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 143
+    assert not paths.status(1).exists() and paths.footer_status(1) == 143
+
+
+def test_a_failure_says_what_its_code_usually_means(capsys):
+    from pqm_ext.launch.common import Request, report
+
+    req = Request(log="log/f.JOB.log", command="x", var="JOB", first=1, last=3)
+    assert report("slurm.sh", req, {1: 0, 2: 137, 3: 143}) == 1
+    err = capsys.readouterr().err
+    assert "JOB=2 failed with code 137 (SIGKILL: out of memory, or past its time limit?)" in err
+    assert "JOB=3 failed with code 143 (SIGTERM: cancelled, past its time limit, or preempted?)" in err
+
+
 # ---- a live Slurm ----
 
 def launch(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     res = subprocess.run([str(REPO / "utils/slurm.sh"), "--config", str(TEMPLATE_CONF), *args], cwd=cwd,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PQM_SLURM_STATUS_GRACE": "3"})  # one host: no NFS delay
     print(res.stderr)
     return res
 

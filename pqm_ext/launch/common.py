@@ -140,13 +140,20 @@ def parse_args(argv: List[str]) -> Request:
     if not args:
         raise UsageError("missing log file and command")
     log = args.pop(0)
+    if log.startswith("-"):
+        raise UsageError(f"{log!r} is not a log path: options are --name value; scheduler flags such as "
+                         "Kaldi's '-p gpu' belong in the Slurm config (conf/slurm.conf)")
     if not args:
         raise UsageError("missing command")
     if var is None and re.search(r"\bJOB\b", log):
         raise UsageError(f"log path {log} contains JOB but no JOB=1:N range was given")
     if var is not None and last > first and not re.search(rf"\b{var}\b", log):
         raise UsageError(f"{last - first + 1} jobs would share the log {log}: put {var} in its name")
-    return Request(log=log, command=join_command(args), var=var, first=first, last=last, options=options)
+    command = join_command(args)
+    if var is not None and re.search(rf"(?<![$\w{{]){var}\w|\w{var}\b", command):
+        print(f"warning: {var} inside a word of the command is not replaced (only a whole word is, e.g. "
+              f"out.{var}.ark, not out_{var}.ark)", file=sys.stderr)
+    return Request(log=log, command=command, var=var, first=first, last=last, options=options)
 
 
 def _now() -> str:
@@ -196,8 +203,9 @@ def terminate_running() -> None:
 
 
 class Signals:
-    """Catches SIGINT/SIGTERM: calls ``cleanup`` (stop the jobs, cancel the array) and remembers the signal,
-    so the backend can let its jobs write their log footers before :meth:`exit_if_received`."""
+    """Catches SIGINT/SIGTERM/SIGHUP: calls ``cleanup`` (stop the jobs, cancel the array) and remembers the
+    signal, so the backend can let its jobs write their log footers before :meth:`exit_if_received`.
+    SIGHUP is the closed terminal or dropped ssh session: the jobs must not outlive it unseen."""
 
     def __init__(self, prog: str, cleanup: Callable[[], None]):
         self.received: Optional[int] = None
@@ -206,19 +214,25 @@ class Signals:
             print(f"{prog}: got {signal.Signals(signum).name}, stopping the jobs", file=sys.stderr)
             self.received = signum
             cleanup()
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, handler)
 
     def exit_if_received(self) -> None:
         if self.received is not None:
             sys.exit(128 + self.received)
 
 
+# What bash's 128+N codes usually mean for a job (Kaldi's slurm.pl guesses the same way).
+CODE_HINTS = {137: " (SIGKILL: out of memory, or past its time limit?)",
+              143: " (SIGTERM: cancelled, past its time limit, or preempted?)"}
+
+
 def report(prog: str, req: Request, codes: Dict[int, Optional[int]]) -> int:
     """Print each failed job and its log to stderr; the launcher's exit status."""
     failed = [i for i in req.ids if codes.get(i) != 0]
     for i in failed:
-        what = "never ran (no exit status)" if codes.get(i) is None else f"failed with code {codes[i]}"
+        code = codes.get(i)
+        what = "never ran (no exit status)" if code is None else f"failed with code {code}{CODE_HINTS.get(code, '')}"
         job = f"job {req.var}={i}" if req.var else "job"
         print(f"{prog}: {job} {what}, log: {req.log_for(i)}", file=sys.stderr)
     if failed:

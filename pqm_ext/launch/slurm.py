@@ -2,8 +2,12 @@
 
 Each array task runs :mod:`pqm_ext.launch.task`, which writes the same log as the local backend and an
 exit-status file under ``<logdir>/q/``. The launcher trusts those files (not sacct: accounting may be
-off) and asks squeue only whether tasks without one are still queued or running; a task that left
-the queue without a status file "never ran". SIGINT/SIGTERM of the launcher cancel the array.
+off) and asks squeue only whether tasks without one are still queued or running. A task that was
+terminated (preemption, requeue, time limit) writes no status, so a requeued task is waited for.
+Once squeue says a task is over, its status file may still be invisible on this host (NFS caches a
+directory's entries for 30-60 s): the launcher re-lists ``q/`` for up to ``PQM_SLURM_STATUS_GRACE``
+seconds (default 90), then reads the footer of the task's log, and only then says it "never ran".
+SIGINT/SIGTERM/SIGHUP of the launcher cancel the array.
 As in Kaldi, a task first sources ./path.sh when the submit directory has one (sbatch --export=PATH
 drops the rest of the environment).
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -32,6 +37,7 @@ from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import write_text_atomic
 
 MAPPED = ("mem", "gpu", "num_threads", "time")
+ENDED = re.compile(r"^# Ended \(code (\d+)\)")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT"}
@@ -60,7 +66,10 @@ class Config:
 def parse_config(text: str, path: str) -> Config:
     cfg = Config(path=path)
     for n, line in enumerate(text.splitlines(), 1):
-        words = shlex.split(line, comments=True)
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise InputError(path, f"{e} (shell quoting)", n) from None
         if not words:
             continue
         kind, rest = words[0], words[1:]
@@ -133,17 +142,29 @@ class Paths:
         return self.qdir / f"{substitute(self.tag, self.req.var, i)}.status"
 
     def read_status(self, i: int) -> Optional[int]:
-        path = self.status(i)
-        return int(path.read_text()) if path.exists() else None
+        """The task's exit status; None while there is none (or none readable yet: written on another host)."""
+        try:
+            return int(self.status(i).read_text())
+        except (OSError, ValueError):
+            return None
 
-    def slurm_output(self) -> Path:
-        return self.qdir / f"{substitute(self.tag, self.req.var, '%a')}.out"
+    def footer_status(self, i: int) -> Optional[int]:
+        """The exit status in the footer of the task's log (``# Ended (code N) ...``), if it has one."""
+        try:
+            lines = Path(self.req.log_for(i)).read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        ended = [m for m in (ENDED.match(line) for line in lines[-3:]) if m]
+        return int(ended[-1][1]) if ended else None
+
+    def slurm_output(self, i: object = "%a") -> Path:
+        return self.qdir / f"{substitute(self.tag, self.req.var, i)}.out"
 
 
 def batch_script(spec: Path) -> str:
     q = shlex.quote
     return (f"#!/bin/bash\n"
-            f"cd {q(os.getcwd())}\n"
+            f"cd {q(os.getcwd())} || {{ echo \"cannot cd to {os.getcwd()} on $(hostname)\" >&2; exit 1; }}\n"
             f"[ -f path.sh ] && . ./path.sh\n"
             f"export PYTHONPATH={q(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}\n"
             f"exec {q(sys.executable)} -m pqm_ext.launch.task {q(str(spec.resolve()))} \"$SLURM_ARRAY_TASK_ID\"\n")
@@ -179,13 +200,32 @@ def queued(job_id: str) -> Optional[bool]:
     return any(state not in FINAL_STATES for state in res.stdout.split())
 
 
+def _collect(req: Request, paths: Paths, codes: Dict[int, Optional[int]]) -> None:
+    """Read the status files that have appeared. Listing the directory (one READDIR) also makes an NFS
+    client revalidate it, where stat-ing a missing name again would hit its cached negative entry."""
+    try:
+        present = set(os.listdir(paths.qdir))
+    except OSError:
+        return
+    for i in req.ids:
+        if i not in codes and paths.status(i).name in present:
+            code = paths.read_status(i)
+            if code is not None:
+                codes[i] = code
+
+
+def status_grace() -> float:
+    return float(os.environ.get("PQM_SLURM_STATUS_GRACE", 90))
+
+
 def wait(job_id: str, req: Request, paths: Paths, signals: Signals, prog: str) -> Dict[int, Optional[int]]:
     """Poll the status files (cheap) until all exist; now and then (1 s, growing to 30 s) ask squeue whether
-    the missing ones can still come."""
+    the missing ones can still come. When squeue says they cannot, wait up to the grace period for files
+    another host wrote, then fall back to the logs' footers."""
     codes: Dict[int, Optional[int]] = {}
     delay, check_every, last_check, warned = 0.1, 1.0, time.time(), False
     while signals.received is None:
-        codes.update({i: paths.read_status(i) for i in req.ids if i not in codes and paths.status(i).exists()})
+        _collect(req, paths, codes)
         if len(codes) == len(req.ids):
             break
         if time.time() - last_check > check_every:
@@ -193,9 +233,14 @@ def wait(job_id: str, req: Request, paths: Paths, signals: Signals, prog: str) -
             if state is None and not warned:
                 print(f"{prog}: squeue cannot reach slurmctld; still waiting for job {job_id}", file=sys.stderr)
                 warned = True
-            if state is False:  # the rest will never come; read once more for files written just before
-                time.sleep(0.5)
-                codes = {i: paths.read_status(i) for i in req.ids}
+            if state is False:
+                deadline = time.time() + status_grace()
+                while len(codes) < len(req.ids) and time.time() < deadline and signals.received is None:
+                    time.sleep(min(2.0, max(0.0, deadline - time.time())))
+                    _collect(req, paths, codes)
+                for i in req.ids:
+                    if i not in codes:
+                        codes[i] = paths.footer_status(i)
                 break
         time.sleep(delay)
         delay = min(delay * 1.5, 2.0)
@@ -206,14 +251,25 @@ def run(req: Request, prog: str) -> Dict[int, Optional[int]]:
     cfg = load_config(req.options.get("config"))
     paths = Paths(req)
     job: List[str] = []
-    signals = Signals(prog, lambda: job and subprocess.run(["scancel", job[0]]))
+    signals = Signals(prog, lambda: job and cancel(job[0], prog))
     job.append(submit(req, cfg, paths))
     if signals.received is not None:  # the signal came while sbatch ran: nothing was cancelled yet
-        subprocess.run(["scancel", job[0]])
+        cancel(job[0], prog)
     print(f"{prog}: submitted Slurm job {job[0]} ({len(req.ids)} task(s)), logs {req.log}", file=sys.stderr)
     codes = wait(job[0], req, paths, signals, prog)
     signals.exit_if_received()
+    failed = [i for i in req.ids if codes.get(i) != 0]
+    if failed:
+        print(f"{prog}: Slurm's own messages (time limit, memory, node failure) for those: "
+              + " ".join(str(paths.slurm_output(i)) for i in failed), file=sys.stderr)
     return codes
+
+
+def cancel(job_id: str, prog: str) -> None:
+    try:
+        subprocess.run(["scancel", job_id])
+    except OSError as e:
+        print(f"{prog}: could not run scancel ({e}): cancel job {job_id} by hand", file=sys.stderr)
 
 
 if __name__ == "__main__":
