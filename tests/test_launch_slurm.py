@@ -47,7 +47,7 @@ def test_builtin_default_matches_template():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("command sbatch\noption foo=* --foo $0\n", "x.conf:2: unknown option 'foo'"),
+    ("command sbatch\noption foo-bar=* --foo $0\n", "x.conf:2: bad option name 'foo-bar'"),
     ("command sbatch\nqueue gpu\n", "x.conf:2: unknown line type 'queue'"),
     ("option mem=* --mem $0\n", "x.conf: no 'command"),
     ("command sbatch\noption mem\n", "x.conf:2: expected"),
@@ -57,6 +57,39 @@ def test_bad_config_is_an_error(tmp_path, text, message):
     (tmp_path / "x.conf").write_text(text)
     with pytest.raises(UsageError, match=re.escape(message)):
         load_config(str(tmp_path / "x.conf"))
+
+
+# ESPnet's egs2/TEMPLATE/asr1/conf/slurm.conf (as shipped; its sites add partitions and accounts the same way).
+ESPNET_CONF = """\
+# Default configuration
+command sbatch --export=PATH
+option name=* --job-name $0
+option time=* --time $0
+option mem=* --mem-per-cpu $0
+option mem=0
+option num_threads=* --cpus-per-task $0
+option num_threads=1 --cpus-per-task 1
+option num_nodes=* --nodes $0
+default gpu=0
+option gpu=0 -p cpu
+option gpu=* -p gpu --gres=gpu:$0 -c $0  # Recommend allocating more CPU than, or equal to the number of GPU
+"""
+
+
+def test_espnets_own_config_and_its_site_options_work(tmp_path):
+    from pqm_ext.launch.common import parse_args
+
+    (tmp_path / "espnet.conf").write_text(ESPNET_CONF)
+    cfg = load_config(str(tmp_path / "espnet.conf"))
+    req = parse_args(["--gpu", "1", "--num_nodes", "2", "--name", "dec", "JOB=1:2", "log/d.JOB.log", "true"])
+    assert req.site_options == {"num_nodes": "2", "name": "dec"}
+    flags = scheduler_flags(cfg, {**req.site_options, **req.options})
+    assert flags == ["-p", "gpu", "--gres=gpu:1", "-c", "1", "--job-name", "dec", "--nodes", "2"]
+    with pytest.raises(UsageError, match="--account x: .* has no 'option account=...' rule"):
+        scheduler_flags(cfg, {"account": "x"})
+    res = subprocess.run([str(REPO / "utils/run.sh"), "--num_nodes", "2", "log/a.log", "true"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=30)  # the local backend has no config: a typo
+    assert res.returncode == 2 and "unknown option --num_nodes" in res.stderr
 
 
 def test_option_without_rule_exits_2(tmp_path):

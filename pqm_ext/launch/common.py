@@ -25,6 +25,7 @@ usage: PROG [options] JOB=1:N log/name.JOB.log command args...
 HELP = """\
 options (--foo-bar is accepted for --foo_bar, --opt=value for --opt value):
   --mem 4G  --gpu N  --num_threads K  --max_jobs_run P  --time T  --config conf/slurm.conf
+  (slurm.sh also takes any --NAME VALUE its config has an 'option NAME=...' rule for)
 JOB (any NAME=a:b works) is replaced where it is a whole word in the log path and the command
 ($JOB and ${JOB} are left to the shell) and exported as an environment variable.
 The command runs under bash -c. A single argument is run as it is (pipes, quotes, && work inside
@@ -87,6 +88,14 @@ class Request:
     first: int = 1
     last: int = 1
     options: dict = field(default_factory=dict)
+    site_options: dict = field(default_factory=dict)  # --name value outside OPTIONS: a Slurm config may map them
+
+    def check_no_site_options(self) -> None:
+        """Backends without a scheduler config know only OPTIONS: anything else is a typo."""
+        if self.site_options:
+            name = next(iter(self.site_options))
+            raise UsageError(f"unknown option --{name} (known: {', '.join('--' + o for o in OPTIONS)}; "
+                             f"other names only through a Slurm config's 'option {name}=...' rule)")
 
     @property
     def ids(self) -> range:
@@ -109,19 +118,22 @@ class Request:
 
 def parse_args(argv: List[str]) -> Request:
     """Options and at most one NAME=a:b range, in any order, then the log path and the command."""
-    args, options, var, first, last = list(argv), {}, None, 1, 1
+    args, options, site, var, first, last = list(argv), {}, {}, None, 1, 1
     while args:
         arg = args[0]
         if arg.startswith("--"):
             args.pop(0)
             name, eq, value = arg[2:].partition("=")
             name = name.replace("-", "_")
-            if name not in OPTIONS:
-                raise UsageError(f"unknown option {arg} (known: {', '.join('--' + o for o in OPTIONS)})")
+            if not name.isidentifier():
+                raise UsageError(f"bad option {arg}")
             if not eq:
                 if not args:
                     raise UsageError(f"option {arg} needs a value")
                 value = args.pop(0)
+            if name not in OPTIONS:
+                site[name] = value
+                continue
             try:
                 options[name] = OPTIONS[name](value)
             except ValueError:
@@ -153,7 +165,7 @@ def parse_args(argv: List[str]) -> Request:
     if var is not None and re.search(rf"(?<![$\w{{]){var}\w|\w{var}\b", command):
         print(f"warning: {var} inside a word of the command is not replaced (only a whole word is, e.g. "
               f"out.{var}.ark, not out_{var}.ark)", file=sys.stderr)
-    return Request(log=log, command=command, var=var, first=first, last=last, options=options)
+    return Request(log=log, command=command, var=var, first=first, last=last, options=options, site_options=site)
 
 
 def _now() -> str:

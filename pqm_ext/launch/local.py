@@ -27,6 +27,7 @@ def visible_gpus() -> List[str]:
 
 
 def run(req: Request, prog: str) -> Dict[int, Optional[int]]:
+    req.check_no_site_options()
     slots = min(req.options.get("max_jobs_run", len(req.ids)), len(req.ids))
     per_job = req.options.get("gpu", 0)
     gpus = visible_gpus() if per_job else []

@@ -17,7 +17,8 @@ when it exists, else DEFAULT_CONFIG. Line types:
     option mem=* --mem $0            --mem X becomes --mem X ($0 is the value)
     option mem=0                     --mem 0 adds nothing (an exact value wins over *)
     default gpu=0                    the value used when the option is not given
-Options: mem, gpu, num_threads, time; --max_jobs_run P becomes the array's %P. Other names are errors.
+Options: mem, gpu, num_threads, time, and any other --NAME VALUE the config has an ``option NAME=...`` rule
+for (ESPnet's and Kaldi's configs use e.g. name, num_nodes); --max_jobs_run P becomes the array's %P.
 """
 from __future__ import annotations
 
@@ -81,8 +82,8 @@ def parse_config(text: str, path: str) -> Config:
         name, eq, value = rest[0].partition("=") if rest else ("", "", "")
         if not eq or not value:
             raise InputError(path, f"expected '{kind} name=value ...'", n)
-        if name not in MAPPED:
-            raise InputError(path, f"unknown option {name!r} (known: {', '.join(MAPPED)})", n)
+        if not name.isidentifier():
+            raise InputError(path, f"bad option name {name!r}", n)
         if kind == "default":
             if len(rest) > 1:
                 raise InputError(path, "a default line takes no flags", n)
@@ -107,9 +108,11 @@ def load_config(path: Optional[str]) -> Config:
 
 
 def scheduler_flags(cfg: Config, options: dict) -> List[str]:
-    """The sbatch flags for the generic options, by the config's rules (an exact value before ``*``)."""
+    """The sbatch flags for the options (generic ones and those only the config knows), by the config's rules
+    (an exact value before ``*``)."""
     flags: List[str] = []
-    for name in MAPPED:
+    others = sorted((set(options) | set(cfg.defaults)) - set(MAPPED) - {"max_jobs_run", "config"})
+    for name in [*MAPPED, *others]:
         value = options.get(name, cfg.defaults.get(name))
         if value is None:
             continue
@@ -181,7 +184,8 @@ def submit(req: Request, cfg: Config, paths: Paths) -> str:
             old.unlink(missing_ok=True)
     limit = f"%{req.options['max_jobs_run']}" if "max_jobs_run" in req.options else ""
     cmd = [*cfg.command, "--parsable", f"--array={req.first}-{req.last}{limit}", f"--job-name={paths.tag}",
-           f"--output={paths.slurm_output()}", *scheduler_flags(cfg, req.options), str(script)]
+           f"--output={paths.slurm_output()}", *scheduler_flags(cfg, {**req.site_options, **req.options}),
+           str(script)]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError:

@@ -11,6 +11,7 @@ from pqm_ext.launch.common import Request, Signals, main, run_job, terminate_run
 
 
 def run(req: Request, prog: str) -> Dict[int, Optional[int]]:
+    req.check_no_site_options()
     signals = Signals(prog, terminate_running)
     codes: Dict[int, Optional[int]] = {}
     for i in req.ids:
