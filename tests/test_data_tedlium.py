@@ -9,6 +9,8 @@ import yaml
 from data_fixtures import (OUTPUTS, SPLIT_ARGS, assert_no_outputs, copy_tree, run_data_sh, tedlium_tree,  # noqa: F401
                            tree_digest)
 from pqm_ext.data.kaldi_dir import validate_data_dir
+from pqm_ext.data.kaldi_dir import DataDir, Segment
+from pqm_ext.data.tedlium import pad_segments
 from pqm_ext.data.text import normalise_tedlium
 
 TED = "tedlium3"
@@ -49,9 +51,19 @@ def test_data_sh_writes_valid_dirs_with_segments(tmp_path, tedlium_tree):
             assert path.endswith(f"/legacy/{'dev' if name == 'dev' else 'train'}/sph/{talk}.sph")
         for utt, seg in d.segments.items():
             talk = d.utt2spk[utt]
-            assert seg.recording == talk and utt == f"{talk}-{round(seg.start * 100):07d}-{round(seg.end * 100):07d}"
-            stm = {(s, e): w for s, e, w in (train if name != "dev" else dev)[talk]}
-            assert d.text[utt] == normalise_tedlium(stm[(seg.start, seg.end)])
+            stm = {f"{talk}-{round(s * 100):07d}-{round(e * 100):07d}": (s, e, w)
+                   for s, e, w in (train if name != "dev" else dev)[talk]}
+            start, end, words = stm[utt]  # the id keeps the stm times ...
+            assert seg.recording == talk and d.text[utt] == normalise_tedlium(words)
+            if name == "dev":
+                assert (seg.start, seg.end) == (start, end)
+            else:  # ... the segment is padded as Kaldi pads it (0.15 s before, 0.1 s after), never overlapping
+                assert start - 0.15 - 1e-9 <= seg.start <= start and end <= seg.end <= end + 0.1 + 1e-9
+        if name != "dev":
+            for talk in d.speakers:
+                times = sorted((seg.start, seg.end) for u, seg in d.segments.items() if d.utt2spk[u] == talk)
+                assert all(a[1] <= b[0] for a, b in zip(times, times[1:]))
+                assert any(e - s > 0 for s, e in times)
     assert len(dirs["pretrain"].utt2spk) == sum(len(train[t]) for t in dirs["pretrain"].speakers)
     assert len(dirs["dev"].utt2spk) == sum(len(v) for v in dev.values())
 
@@ -113,7 +125,7 @@ BAD = {
     "bad times": (lambda r: _edit_stm(r, lambda rows: rows[:1] + [_with_times(rows[1], "3.00", "0.50")] + rows[2:]),
                   "{stm}:2: bad times 3.0 0.5"),
     "segment past the audio": (lambda r: _edit_stm(r, lambda rows: rows + [_with_times(rows[-1], "900.00", "901.00")]),
-                               "ends at 901.0 s, after the end of the recording"),
+                               "ends at 901.1 s, after the end of the recording"),  # 901.0 + 0.1 s padding
 }
 
 
@@ -191,3 +203,18 @@ def test_the_real_releases_stm_conventions(tmp_path, tedlium_tree):
     # Dev's <F0_M>/<F0_F> are labels that give the talk's gender, not words.
     assert dirs["dev"].spk2gender == {t: gender[t] for t in dirs["dev"].speakers}
     assert not any(w.startswith("F") and "0" in w for t in dirs["dev"].text.values() for w in t.split())
+
+
+def test_segments_are_padded_like_kaldis_extend_segment_times():
+    seg = {"a": Segment("t", 0.05, 1.0), "b": Segment("t", 1.05, 2.0), "c": Segment("t", 3.0, 4.0),
+           "d": Segment("t", 3.9, 5.0), "e": Segment("u", 1.0, 2.0)}
+    data = DataDir(wav_scp={"t": "t.sph", "u": "u.sph"}, text={u: "X" for u in seg},
+                   utt2spk={u: "t" for u in seg}, segments=dict(seg))
+    pad_segments(data, 0.15, 0.1)
+    assert data.segments == {
+        "a": Segment("t", 0.0, 1.025),    # not below 0; halfway to b
+        "b": Segment("t", 1.025, 2.1),    # halfway to a; full padding after
+        "c": Segment("t", 2.85, 4.0),     # full padding before; overlaps d already: its end stays
+        "d": Segment("t", 3.9, 5.1),
+        "e": Segment("u", 0.85, 2.1),     # another recording: its own neighbours
+    }

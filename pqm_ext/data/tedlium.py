@@ -18,6 +18,12 @@ may give several talks (below). Segments left out, each counted in the log:
 
 Utterance ids follow Kaldi's TED-LIUM recipe: ``<talk>-<start in cs, 7 digits>-<end in cs, 7 digits>``.
 
+Train segments (and test segments when they are SA candidates) are padded as Kaldi's and ESPnet's
+TED-LIUM recipes pad them (``extend_segment_times.py``: 0.15 s before, 0.1 s after) because the
+release's automatic alignments clip word onsets; padding stops halfway to a neighbouring segment, so
+segments never overlap. Utterance ids keep the stm times. The demo corpus pads its own stm times and
+passes ``segment_padding=(0, 0)``.
+
 SA talks are held out of the training talks: the ``num_target_speakers`` targets are drawn from
 the legacy train talks with enough segments (pqm_ext.data.sa_split), and the pretraining pool is the
 remaining train talks less every other talk by a target talk's speaker, so no target voice is in the
@@ -166,6 +172,29 @@ def scan_subset(root: Path, subset: str, seen: Dict[str, Tuple[Path, int]], note
     return data
 
 
+def pad_segments(data: DataDir, before: float, after: float) -> None:
+    """Widen every segment by ``before``/``after`` seconds, at most to the midpoint of the gap to its
+    neighbour in the same recording (segments that already overlap are left as they are) and not below 0."""
+    if not (before or after):
+        return
+    by_rec: Dict[str, list] = {}
+    for utt, seg in data.segments.items():
+        by_rec.setdefault(seg.recording, []).append((seg.start, seg.end, utt))
+    for rec, segs in by_rec.items():
+        segs.sort()
+        for k, (start, end, utt) in enumerate(segs):
+            lo, hi = max(0.0, start - before), end + after
+            if k > 0 and segs[k - 1][1] <= start:
+                lo = max(lo, (segs[k - 1][1] + start) / 2)
+            elif k > 0:
+                lo = start
+            if k + 1 < len(segs) and end <= segs[k + 1][0]:
+                hi = min(hi, (end + segs[k + 1][0]) / 2)
+            elif k + 1 < len(segs):
+                hi = end
+            data.segments[utt] = Segment(rec, round(lo, 3), round(hi, 3))
+
+
 def _merge(parts: Sequence[DataDir]) -> DataDir:
     out = DataDir(wav_scp={}, text={}, utt2spk={}, segments={}, spk2gender={})
     for p in parts:
@@ -180,14 +209,20 @@ def _merge(parts: Sequence[DataDir]) -> DataDir:
     return out
 
 
+KALDI_PADDING = (0.15, 0.1)  # egs/tedlium/s5_r3/local/prepare_data.sh: extend_segment_times.py
+
+
 def prepare_tedlium3_sa(corpus: Path, data_dir: Path, opts: SplitOptions, check_audio: str = "header",
-                        overwrite: bool = False, sa_subsets: Sequence[str] = ("train",)) -> Optional[Path]:
+                        overwrite: bool = False, sa_subsets: Sequence[str] = ("train",),
+                        segment_padding: Tuple[float, float] = KALDI_PADDING) -> Optional[Path]:
     """Prepare ``data_dir``; skip when it is complete with the same options. Returns the splits dir."""
     bad = sorted(set(sa_subsets) - {"train", "test"})
     if bad or not sa_subsets:
         raise ValueError(f"sa_subsets must be a non-empty subset of train, test; got {list(sa_subsets)}")
+    if len(segment_padding) != 2 or min(segment_padding) < 0:
+        raise ValueError(f"segment_padding must be two seconds >= 0 (before, after); got {segment_padding}")
     corpus = Path(corpus).absolute()
-    extra = {"sa_subsets": sorted(sa_subsets)}
+    extra = {"sa_subsets": sorted(sa_subsets), "segment_padding": [float(x) for x in segment_padding]}
     root = find_root(corpus)
     stamp = corpus_stamp(root)
     if check_prepared(data_dir, str(corpus), opts, extra, overwrite, stamp):
@@ -196,6 +231,8 @@ def prepare_tedlium3_sa(corpus: Path, data_dir: Path, opts: SplitOptions, check_
     seen: Dict[str, Tuple[Path, int]] = {}
     notes = StmNotes()
     subsets = {s: scan_subset(root, s, seen, notes) for s in SUBSETS if s in ("train", "dev") or s in sa_subsets}
+    for name in subsets.keys() - {"dev"}:
+        pad_segments(subsets[name], *segment_padding)
     candidates = _merge([subsets[s] for s in sorted(sa_subsets)])
     candidates = candidates.subset(u for u in candidates.utt2spk if u not in notes.unk)
     source = str(root / "legacy" / "+".join(sorted(sa_subsets)))

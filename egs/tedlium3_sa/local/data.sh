@@ -23,8 +23,10 @@ target_speakers=""       # space-separated talk ids instead of a random draw
 check_audio=header       # none | header | decode
 overwrite=false
 sa_subsets=train         # legacy subsets the SA talks come from: train, test or "train test"
+segment_padding=0.15,0.1 # seconds added before,after train/SA segments (Kaldi's; the alignments clip onsets)
 
-options="data_dir corpus num_target_speakers max_adapt min_adapt num_test seed target_speakers check_audio overwrite sa_subsets"
+options="data_dir corpus num_target_speakers max_adapt min_adapt num_test seed target_speakers check_audio overwrite sa_subsets
+         segment_padding"
 help_message="Usage: $0 [--name value] ..."
 . "$(dirname "$(readlink -f "$0")")/../utils/parse_options.sh"  # works from any directory
 if [ $# -gt 0 ]; then log "unexpected argument '$1'"; exit 1; fi
@@ -46,5 +48,5 @@ log "preparing TED-LIUM 3 from $corpus into $data_dir"
 python -m pqm_ext.bin.prepare_tedlium3_sa --corpus "$corpus" --data_dir "$data_dir" \
   --num_target_speakers "$num_target_speakers" --max_adapt "$max_adapt" ${min_adapt:+--min_adapt "$min_adapt"} \
   --num_test "$num_test" --seed "$seed" --target_speakers "$target_speakers" --check_audio "$check_audio" \
-  --overwrite "$overwrite" --sa_subsets "$sa_subsets"
+  --overwrite "$overwrite" --sa_subsets "$sa_subsets" --segment_padding "$segment_padding"
 log "done: $data_dir/{pretrain,dev,sa_adapt,sa_test,sa_splits}"
