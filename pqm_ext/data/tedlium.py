@@ -222,7 +222,9 @@ def prepare_tedlium3_sa(corpus: Path, data_dir: Path, opts: SplitOptions, check_
     if len(segment_padding) != 2 or min(segment_padding) < 0:
         raise ValueError(f"segment_padding must be two seconds >= 0 (before, after); got {segment_padding}")
     corpus = Path(corpus).absolute()
-    extra = {"sa_subsets": sorted(sa_subsets), "segment_padding": [float(x) for x in segment_padding]}
+    extra = {"sa_subsets": sorted(sa_subsets)}
+    if any(segment_padding):  # recorded only when used: a preparation from before the option still matches
+        extra["segment_padding"] = [float(x) for x in segment_padding]
     root = find_root(corpus)
     stamp = corpus_stamp(root)
     if check_prepared(data_dir, str(corpus), opts, extra, overwrite, stamp):
