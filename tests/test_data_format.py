@@ -1,4 +1,4 @@
-"""Stage-2 formatter: 16 kHz mono 16-bit WAV per utterance, exact cuts, resampling, skip and atomicity."""
+"""Stage-2 formatter: 16 kHz mono 16-bit WAV (or FLAC) per utterance, exact cuts, resampling, skip and atomicity."""
 import shutil
 import subprocess
 import sys
@@ -26,17 +26,17 @@ def prepared(tmp_path_factory, librispeech_tree, tedlium_tree):
     return out
 
 
-def check_formatted(src: Path, dst: Path) -> DataDir:
+def check_formatted(src: Path, dst: Path, ext: str = "wav") -> DataDir:
     data = validate_data_dir(dst, check_audio="decode")
     source = read_data_dir(src)
     assert data.text == source.text and data.utt2spk == source.utt2spk and data.segments is None
     assert (dst / "spk2utt").read_text() == (src / "spk2utt").read_text()
     for utt, path in data.wav_scp.items():
-        assert path == str(dst.absolute() / "data" / f"{utt}.wav")
+        assert path == str(dst.absolute() / "data" / f"{utt}.{ext}")
         info = sf.info(path)
-        assert (info.format, info.subtype, info.samplerate, info.channels) == ("WAV", "PCM_16", 16000, 1)
+        assert (info.format, info.subtype, info.samplerate, info.channels) == (ext.upper(), "PCM_16", 16000, 1)
         assert info.frames == data.utt2num_samples[utt]
-    assert sorted(p.name for p in (dst / "data").iterdir()) == sorted(f"{u}.wav" for u in data.utt2spk)
+    assert sorted(p.name for p in (dst / "data").iterdir()) == sorted(f"{u}.{ext}" for u in data.utt2spk)
     return data
 
 
@@ -65,6 +65,20 @@ def test_flac_utterances_are_copied_exactly_and_rerun_skips(tmp_path, prepared):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "complete: skipping" in proc.stderr
     assert [p.stat().st_mtime_ns for p in sorted(dst.rglob("*"))] == stamp
+
+
+def test_flac_output_holds_the_same_samples_and_a_format_change_rebuilds(tmp_path, prepared):
+    src = prepared["tedlium3"] / "sa_test"
+    wav = check_formatted(src, format_data_dir(src, tmp_path / "wav"))
+    flac = check_formatted(src, format_data_dir(src, tmp_path / "flac", audio_format="flac"), ext="flac")
+    assert flac.utt2num_samples == wav.utt2num_samples
+    for utt in wav.utt2spk:
+        np.testing.assert_array_equal(sf.read(flac.wav_scp[utt], dtype="int16")[0],
+                                      sf.read(wav.wav_scp[utt], dtype="int16")[0])
+    disk = {name: sum(p.stat().st_size for p in (tmp_path / name / "data").iterdir()) for name in ("wav", "flac")}
+    assert disk["flac"] < disk["wav"]
+    format_data_dir(src, tmp_path / "wav", audio_format="flac")  # the same source in another format: made again
+    check_formatted(src, tmp_path / "wav", ext="flac")
 
 
 def test_resampled_and_downmixed(tmp_path, prepared):

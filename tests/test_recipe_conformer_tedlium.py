@@ -24,7 +24,8 @@ TINY_DEMO = ("--num_target_speakers 3 --num_pool_speakers 2 --adapt_per_speaker 
 ARGS = ["--corpus", "tedlium3_sa", "--corpus_layout", "tedlium3", "--model", "conformer", "--demo_opts", TINY_DEMO,
         "--data_opts", "--num_target_speakers 2 --max_adapt 4 --num_test 3", "--nutts", "2 4", "--nbpe", "30",
         "--asr_args", "--max_epoch 1 --batch_bins 400000", "--lora_args", "--max_epoch 3 --batch_size 2",
-        "--pretrain_args", "--max_epoch 2", "--adapt_args", "--max_epoch 1", "--nj", "2"]
+        "--pretrain_args", "--max_epoch 2", "--adapt_args", "--max_epoch 1", "--nj", "2",
+        "--audio_format", "flac"]  # ESPnet's default dump format: trained, adapted and decoded from FLAC
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,9 @@ def test_the_demo_corpus_has_the_tedlium_layout_and_talks_are_speakers(recipe):
     assert len(talks) == 2
     utt2spk = dict(line.split() for line in (recipe / "data/sa_test/utt2spk").read_text().splitlines())
     assert {utt2spk[line.split()[0]] for line in seg} == talks  # speaker = talk
+    dumped = [line.split()[1] for x in ("pretrain", "sa_test") for line in
+              (recipe / f"dump/raw/{x}/wav.scp").read_text().splitlines()]
+    assert dumped and all(p.endswith(".flac") for p in dumped)
 
 
 def test_stage_3_and_4_build_a_bpe_conformer_with_espnet(recipe):

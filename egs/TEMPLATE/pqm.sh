@@ -21,6 +21,7 @@ demo_opts=                 # options of python -m pqm_ext.bin.synth_demo_corpus
 data_opts=                 # options of local/data.sh
 datadir=                   # Kaldi data dirs (default: data)
 dumpdir=                   # formatted data dirs go to <dumpdir>/raw (default: dump)
+audio_format=wav           # stage 2's audio files: wav | flac (about half the disk; ESPnet's default)
 # Models
 model_config=              # default: conf/<model>/model.yaml
 whisper_checkpoint=        # openai-whisper checkpoint (e.g. base.en.pt); empty: bundled tiny.en
@@ -47,7 +48,7 @@ asr_args=                  # extra ESPnet trainer options for the Conformer base
 
 help_message="Usage: $0 [options]  (see the comments at the top of egs/TEMPLATE/pqm.sh)"
 options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts datadir dumpdir
-         model_config whisper_checkpoint pretrained_model base_train_config nbpe quant baselines nutts inits
+         audio_format model_config whisper_checkpoint pretrained_model base_train_config nbpe quant baselines nutts inits
          pseudo_labels valid_fraction decode_config mixed_batch fold_adapters lora_args pretrain_args adapt_args
          asr_args"
 . utils/parse_options.sh
@@ -96,7 +97,7 @@ fi
 if run 2; then
   log "Stage 2: format and validate data dirs into $dump"
   for x in pretrain dev sa_adapt sa_test; do
-    python -m pqm_ext.bin.format_data_dir $datadir/$x $dump/$x --nj "$nj"
+    python -m pqm_ext.bin.format_data_dir $datadir/$x $dump/$x --nj "$nj" --audio_format "$audio_format"
   done
 fi
 

@@ -1,4 +1,4 @@
-"""Stage 2: write DST as a data dir of 16 kHz mono 16-bit WAV files (DST/data/<utt>.wav) cut and
+"""Stage 2: write DST as a data dir of 16 kHz mono 16-bit WAV (or FLAC) files (DST/data/<utt>.wav) cut and
 resampled from SRC, with text, utt2spk, spk2utt and utt2num_samples; skipped when DST is complete.
 
 Usage:
@@ -20,13 +20,16 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--nj", type=int, default=1, help="parallel processes")
     p.add_argument("--sample_rate", type=int, default=16000)
     p.add_argument("--check_audio", choices=CHECK_AUDIO, default="header", help="how SRC's audio is checked first")
+    p.add_argument("--audio_format", choices=("wav", "flac"), default="wav",
+                   help="file format of DST's audio (flac: about half the disk)")
     return p
 
 
 @entry_point
 def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
-    format_data_dir(a.src, a.dst, nj=a.nj, sample_rate=a.sample_rate, check_audio=a.check_audio)
+    format_data_dir(a.src, a.dst, nj=a.nj, sample_rate=a.sample_rate, check_audio=a.check_audio,
+                    audio_format=a.audio_format)
 
 
 if __name__ == "__main__":
