@@ -1,8 +1,8 @@
 """Stage 2: turn a prepared data dir into one ESPnet reads directly (wav.scp of type ``sound``).
 
 Every utterance becomes a 16 kHz mono 16-bit file ``DST/data/<utt>.wav`` (or ``.flac`` with
-``audio_format="flac"``, ESPnet's default: about half the disk, e.g. ~25 GB instead of ~51 GB for the
-TED-LIUM 3 pool, for some CPU when reading): cut out of its recording
+``audio_format="flac"``, ESPnet's default: lossless, typically about half the disk of WAV, which is
+~51 GB for the TED-LIUM 3 pool, for some CPU when reading): cut out of its recording
 when the source has ``segments`` (TED-LIUM), resampled when the source rate differs, channels
 averaged. DST gets wav.scp (absolute paths), text, utt2spk, spk2utt, utt2num_samples (and spk2gender
 when the source has it). DST is built in a temporary directory, validated and renamed, and records its
