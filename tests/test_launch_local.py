@@ -98,12 +98,13 @@ def test_gpus_are_shared_out_exclusively(tmp_path):
     assert res.returncode == 2 and "only 2 GPU(s)" in res.stderr
 
 
-def test_gpu_option_passes_through_without_gpus(tmp_path):
+@pytest.mark.parametrize("none", ["", "NoDevFiles"])  # NoDevFiles: what Slurm/SGE set on a node without GPUs
+def test_gpu_option_passes_through_without_gpus(tmp_path, none):
     res = launch("run", "--gpu", "1", "--mem", "4G", "--time", "1:00:00", "--num_threads", "3", "log/c.log",
-                 "echo cvd=[$CUDA_VISIBLE_DEVICES] omp=$OMP_NUM_THREADS", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": ""})
+                 "echo cvd=[$CUDA_VISIBLE_DEVICES] omp=$OMP_NUM_THREADS", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": none})
     assert res.returncode == 0, res.stderr
     text = (tmp_path / "log/c.log").read_text()
-    assert "cvd=[] omp=3" in text and "threads=3" in text
+    assert f"cvd=[{none}] omp=3" in text and "threads=3" in text
 
 
 def test_stdout_backend_echoes_and_logs_in_order(tmp_path):

@@ -20,8 +20,8 @@ from pqm_ext.launch.common import Request, UsageError, Signals, main, run_job, t
 
 def visible_gpus() -> List[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g.strip() for g in env.split(",") if g.strip()]
+    if env is not None:  # "NoDevFiles": a scheduler's way of saying this node has none (Kaldi checks it too)
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "NoDevFiles"]
     # CUDA numbers the devices it sees from 0, whatever their /dev names (e.g. one GPU of several in a container).
     return [str(k) for k in range(len(list(Path("/dev").glob("nvidia[0-9]*"))))]
 
