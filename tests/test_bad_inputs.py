@@ -41,6 +41,9 @@ def pqm_sh(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["--model", "lstm"], "--model must be whisper or conformer, not 'lstm'"),
     (["--no_such_option", "1"], "unknown option --no_such_option"),
     (["--stage", "8", "stray"], "unexpected argument: stray"),
+    (["--tag", "../x"], "--tag '../x': a directory name beside base/ and nf4/"),
+    (["--tag", "nf4"], "--tag 'nf4': a directory name"),           # would be the quantised model's directory
+    (["--tag", "decode"], "--tag 'decode': a directory name"),
 ])
 def test_stage_script_rejects_bad_options_before_running(tmp_path, args, message):
     res = pqm_sh(tmp_path, *args)

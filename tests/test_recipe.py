@@ -2,7 +2,8 @@
 
 One module-scoped run of stages 1-8 is shared; the tests then re-run stages (nothing is redone),
 rebuild stages 5-8 from scratch (same numbers: the pipeline is deterministic), kill stage 7 with
-SIGKILL half-way and resume it, and run stage 7 through a live Slurm (PQM_TEST_SLURM=1).
+SIGKILL half-way and resume it, run stage 7 through a live Slurm (PQM_TEST_SLURM=1), re-run with changed
+options, and run a tagged variant beside the default table.
 """
 from __future__ import annotations
 
@@ -188,3 +189,30 @@ def test_a_changed_option_redoes_exactly_the_units_it_changes(recipe):
     assert res.returncode == 1
     assert re.search(r"decode/\w+/hyp/\w+\.json: decoded with other settings than the table's --decode_config "
                      r"\(max_tokens_per_second: 6 -> 8\)", res.stderr), res.stderr[-2000:]
+
+
+def test_a_tagged_variant_is_a_table_beside_the_default(recipe):
+    """--tag T: stages 7-8 write exp/whisper/T/ (ESPnet's --asr_tag), reuse the base, the quantised model and,
+    without a stage 6 of its own, the default pretrained LoRA, and leave the default table alone."""
+    from pqm_ext.lora.io import adapter_info
+    from pqm_ext.utils.provenance import file_digest
+
+    before = outputs(recipe)
+    table = (recipe / "exp/whisper/RESULTS.md").stat().st_mtime_ns
+    res = run_recipe(recipe, "--stage", "7", "--stop_stage", "8", "--tag", "three_epochs",
+                     "--adapt_args", "--max_epoch 3")
+    assert res.returncode == 0
+    assert "--tag three_epochs has no stage-6 output of its own: PQM starts from exp/whisper/lora_pretrain" in res.stderr
+    after = outputs(recipe)  # the default table's models, adapters and hypotheses are untouched
+    assert {k: after[k] for k in before} == before
+    assert set(after) - set(before) and all(k.startswith("exp/whisper/three_epochs/") for k in set(after) - set(before))
+    variant = recipe / "exp/whisper/three_epochs"
+    assert sorted(p.name for p in variant.iterdir()) == ["RESULTS.md", "adapt", "decode", "results.json",
+                                                         "wer_vs_n.png"]
+    units = list((variant / "adapt").glob("*/n*/*/adapter"))
+    assert len(units) == 8 and {adapter_info(u)["max_epoch"] for u in units} == {3}
+    pretrained = file_digest(recipe / "exp/whisper/lora_pretrain/adapter/adapter_model.safetensors")
+    assert {adapter_info(u)["made_from"]["init_adapter"] for u in units if "/pretrained/" in str(u)} == {pretrained}
+    results = json.loads((variant / "results.json").read_text())
+    assert set(results["systems"]) == set(SYSTEMS)
+    assert (recipe / "exp/whisper/RESULTS.md").stat().st_mtime_ns == table

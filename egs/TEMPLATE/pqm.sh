@@ -29,6 +29,9 @@ pretrained_model=          # conformer: an ESPnet model dir (config.yaml + model
 base_train_config=         # conformer: trainer options of the base model (default: conf/<model>/train.yaml)
 nbpe=300                   # conformer: sentencepiece vocabulary size
 quant=nf4                  # the quantised base that is adapted (conf/quant_<quant>.yaml)
+tag=                       # a variant of stages 6-8 beside the default table: they write exp/<model>/<tag>/
+                           # (adapters, decodes, RESULTS.md; same base and quant; its own LoRA pretraining if
+                           # stage 6 runs with the tag, else the default exp/<model>/lora_pretrain)
 baselines="int4"           # other quantisations decoded for comparison (conf/quant_<b>.yaml)
 # Adaptation
 nutts="5 10 20"            # adaptation utterances per speaker (first N of <datadir>/sa_splits/<spk>.adapt)
@@ -50,7 +53,7 @@ help_message="Usage: $0 [options]  (see the comments at the top of egs/TEMPLATE/
 options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts datadir dumpdir
          audio_format model_config whisper_checkpoint pretrained_model base_train_config nbpe quant baselines nutts inits
          pseudo_labels valid_fraction decode_config mixed_batch fold_adapters lora_args pretrain_args adapt_args
-         asr_args"
+         asr_args tag"
 . utils/parse_options.sh
 [ $# -eq 0 ] || { log "unexpected argument: $1"; exit 1; }
 . ./path.sh
@@ -58,6 +61,10 @@ options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir dem
 
 case $model in whisper|conformer) ;; *) log "--model must be whisper or conformer, not '$model'"; exit 1 ;; esac
 if [ "$stage" -gt "$stop_stage" ]; then log "--stage $stage is after --stop_stage $stop_stage"; exit 1; fi
+reserved=" base base_train lora_pretrain adapt decode pseudo_labels $(cd conf && ls quant_*.yaml | sed 's/^quant_//; s/.yaml$//' | tr '\n' ' ')"
+if [ -n "$tag" ] && { [[ ! $tag =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || [[ "$reserved" == *" $tag "* ]]; }; then
+  log "--tag '$tag': a directory name beside base/ and nf4/ (letters, digits, . _ -), not one of:$reserved"; exit 1
+fi
 model_config=${model_config:-conf/$model/model.yaml}
 base_train_config=${base_train_config:-conf/$model/train.yaml}
 decode_config=${decode_config:-conf/$model/decode.yaml}
@@ -71,6 +78,7 @@ if [ -z "$corpus_dir" ] && [ $model = conformer ] && [ -z "$pretrained_model" ] 
 fi
 demo_dir=${demo_dir:-downloads/demo}; datadir=${datadir:-data}; dumpdir=${dumpdir:-dump}
 exp=exp/$model
+work=$exp${tag:+/$tag}     # stages 6-8
 dump=$dumpdir/raw
 run() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 speakers() { cut -d' ' -f1 $datadir/sa_test/spk2utt; }
@@ -140,36 +148,40 @@ if run 5; then
 fi
 
 if run 6; then
-  log "Stage 6: LoRA pretraining on $dump/pretrain -> $exp/lora_pretrain"
+  log "Stage 6: LoRA pretraining on $dump/pretrain -> $work/lora_pretrain"
   pretrain=(python -m pqm_ext.bin.train_adapter --model_dir $exp/$quant
             --train_config conf/lora_trainer.yaml conf/$model/lora_pretrain.yaml
-            --train_data $dump/pretrain --valid_data $dump/dev --out $exp/lora_pretrain --ngpu "$ngpu" --seed "$seed"
+            --train_data $dump/pretrain --valid_data $dump/dev --out $work/lora_pretrain --ngpu "$ngpu" --seed "$seed"
             --train_args "$lora_args $pretrain_args")
   # an adapter made from other inputs (say --pretrain_args changed) is trained again; a current one is
   # kept without overwriting its training log
   if "${pretrain[@]}" --check; then log "exists, made from the same inputs: skipping"
-  else ${cuda_cmd} --gpu "$ngpu" $exp/lora_pretrain/train.log "${pretrain[@]}"
+  else ${cuda_cmd} --gpu "$ngpu" $work/lora_pretrain/train.log "${pretrain[@]}"
   fi
 fi
 
 if run 7; then
   nspk=$(speakers | wc -l)
-  log "Stage 7: speaker adaptive training, $nspk speakers x N in {$nutts} x init in {$inits}"
+  log "Stage 7: speaker adaptive training, $nspk speakers x N in {$nutts} x init in {$inits} -> $work/adapt"
+  if [ -n "$tag" ] && [ ! -d $work/lora_pretrain/adapter ]; then
+    log "--tag $tag has no stage-6 output of its own: PQM starts from $exp/lora_pretrain"
+  fi
   pseudo_opt=
   if [[ " $inits " == *" semi "* ]]; then
     log "pseudo-labels: the fp model decodes the adaptation data"
-    split_speakers "$nj" $exp/pseudo_labels/split >/dev/null
-    ${cuda_cmd} --gpu "$ngpu" JOB=1:"$nj" $exp/pseudo_labels/log/decode.JOB.log \
-      python -m pqm_ext.bin.decode --exp_dir $exp --out_dir $exp/pseudo_labels --systems fp --data $dump/sa_adapt \
-        --speakers @$exp/pseudo_labels/split/spk.JOB --decode_config "$decode_config" --ngpu "$ngpu"
-    cat $exp/pseudo_labels/fp/hyp/*.txt | sort > $exp/pseudo_labels/text
-    pseudo_opt="--pseudo_text $exp/pseudo_labels/text"
+    split_speakers "$nj" $work/pseudo_labels/split >/dev/null
+    ${cuda_cmd} --gpu "$ngpu" JOB=1:"$nj" $work/pseudo_labels/log/decode.JOB.log \
+      python -m pqm_ext.bin.decode --exp_dir $exp --out_dir $work/pseudo_labels --systems fp --data $dump/sa_adapt \
+        --speakers @$work/pseudo_labels/split/spk.JOB --decode_config "$decode_config" --ngpu "$ngpu"
+    cat $work/pseudo_labels/fp/hyp/*.txt | sort > $work/pseudo_labels/text
+    pseudo_opt="--pseudo_text $work/pseudo_labels/text"
   fi
-  split_speakers "$nspk" $exp/adapt/split >/dev/null
+  split_speakers "$nspk" $work/adapt/split >/dev/null
   # shellcheck disable=SC2086
-  ${cuda_cmd} --gpu "$ngpu" --max_jobs_run "$nj" JOB=1:"$nspk" $exp/adapt/log/adapt.JOB.log \
-    python -m pqm_ext.bin.adapt_speakers --exp_dir $exp --quant $quant --data $dump/sa_adapt --splits $datadir/sa_splits \
-      --speakers @$exp/adapt/split/spk.JOB --nutts $nutts --inits $inits $pseudo_opt --ngpu "$ngpu" --seed "$seed" \
+  ${cuda_cmd} --gpu "$ngpu" --max_jobs_run "$nj" JOB=1:"$nspk" $work/adapt/log/adapt.JOB.log \
+    python -m pqm_ext.bin.adapt_speakers --exp_dir $exp --tag "$tag" --quant $quant --data $dump/sa_adapt \
+      --splits $datadir/sa_splits --speakers @$work/adapt/split/spk.JOB --nutts $nutts --inits $inits $pseudo_opt \
+      --ngpu "$ngpu" --seed "$seed" \
       --valid_fraction "$valid_fraction" \
       --config scratch=conf/lora_trainer.yaml,conf/$model/adapt_scratch.yaml \
       --config pretrained=conf/lora_trainer.yaml,conf/$model/adapt_pretrained.yaml --train_args "$lora_args $adapt_args"
@@ -177,14 +189,15 @@ fi
 
 if run 8; then
   log "Stage 8: decoding ($decode_config) and scoring"
-  split_speakers "$nj" $exp/decode/split >/dev/null
+  split_speakers "$nj" $work/decode/split >/dev/null
   # shellcheck disable=SC2086
-  ${cuda_cmd} --gpu "$ngpu" JOB=1:"$nj" $exp/decode/log/decode.JOB.log \
-    python -m pqm_ext.bin.decode --exp_dir $exp --quant $quant --baselines $baselines --data $dump/sa_test \
-      --speakers @$exp/decode/split/spk.JOB --nutts $nutts --inits $inits --decode_config "$decode_config" \
+  ${cuda_cmd} --gpu "$ngpu" JOB=1:"$nj" $work/decode/log/decode.JOB.log \
+    python -m pqm_ext.bin.decode --exp_dir $exp --tag "$tag" --quant $quant --baselines $baselines \
+      --data $dump/sa_test --speakers @$work/decode/split/spk.JOB --nutts $nutts --inits $inits \
+      --decode_config "$decode_config" \
       --ngpu "$ngpu" --mixed_batch "$mixed_batch" --fold_adapters "$fold_adapters"
-  python -m pqm_ext.bin.make_results --exp_dir $exp --quant $quant --baselines $baselines --data $dump/sa_test \
-    --model $model --corpus "$corpus" --nutts $nutts --inits $inits --decode_config "$decode_config"
-  log "RESULTS: $PWD/$exp/RESULTS.md"
+  python -m pqm_ext.bin.make_results --exp_dir $exp --tag "$tag" --quant $quant --baselines $baselines \
+    --data $dump/sa_test --model $model --corpus "$corpus" --nutts $nutts --inits $inits --decode_config "$decode_config"
+  log "RESULTS: $PWD/$work/RESULTS.md"
 fi
 log "finished stages $stage-$stop_stage in ${SECONDS}s"

@@ -7,6 +7,11 @@
     exp/<model>/decode/<system>/hyp/<spk>.txt      hypotheses per speaker (stage 8)
     exp/<model>/RESULTS.md, results.json, wer_vs_n.png
 
+With a tag (``--tag T``, a variant beside the default table, as ESPnet's ``--asr_tag``), stages 6-8
+write ``lora_pretrain/``, ``adapt/``, ``decode/`` and the results under ``exp/<model>/T/`` instead,
+and read the base and quantised models from ``exp/<model>/``: each tag holds a complete table. A tag
+whose stage 6 was not run starts PQM from the default ``lora_pretrain/``.
+
 One module knows this layout, so the stages, decoding and result tables cannot disagree.
 """
 from __future__ import annotations
@@ -14,6 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+# Directories of exp/<model>/ a tag must not shadow.
+RESERVED = {"base", "base_train", "lora_pretrain", "adapt", "decode", "pseudo_labels", "nf4", "nf4_dq", "int4"}
 
 # System names in result files (results.json "systems" keys) by adaptation init.
 INIT_SYSTEM = {"scratch": "lora_scratch", "pretrained": "pqm", "semi": "pqm_semi"}
@@ -37,6 +45,18 @@ class System:
 class ExpLayout:
     root: Path
     quant: str = "nf4"
+    tag: str = ""
+
+    def __post_init__(self):
+        if self.tag and (not self.tag.replace("_", "").replace("-", "").replace(".", "").isalnum()
+                         or self.tag in RESERVED):
+            raise ValueError(f"a tag names a directory beside base/ and nf4/: letters, digits, '_', '-', '.' and "
+                             f"not one of {', '.join(sorted(RESERVED))}; got {self.tag!r}")
+
+    @property
+    def work(self) -> Path:
+        """Where stages 6-8 write: ``root``, or ``root/<tag>`` for a variant."""
+        return self.root / self.tag if self.tag else self.root
 
     @property
     def base(self) -> Path:
@@ -47,13 +67,18 @@ class ExpLayout:
 
     @property
     def pretrain(self) -> Path:
-        return self.root / "lora_pretrain"
+        """Stage 6's output. A tag without one of its own uses the default's: most variants change only
+        the speaker adaptation (stage 7) and should not pay for the same pretraining again."""
+        own = self.work / "lora_pretrain"
+        if self.tag and not (own / "adapter").is_dir() and (self.root / "lora_pretrain" / "adapter").is_dir():
+            return self.root / "lora_pretrain"
+        return own
 
     def adapt(self, init: str, n: int, spk: str) -> Path:
-        return self.root / "adapt" / init / f"n{n}" / spk
+        return self.work / "adapt" / init / f"n{n}" / spk
 
     def decode(self, system: str) -> Path:
-        return self.root / "decode" / system
+        return self.work / "decode" / system
 
     def systems(self, nutts: Sequence[int], inits: Sequence[str], baselines: Sequence[str] = ("int4",),
                 with_pretrained: bool = True) -> List[System]:
@@ -64,6 +89,14 @@ class ExpLayout:
                               group="lora_pretrained"))
         for init in inits:
             for n in nutts:
-                template = str(self.root / "adapt" / init / f"n{n}" / "{spk}" / "adapter")
+                template = str(self.work / "adapt" / init / f"n{n}" / "{spk}" / "adapter")
                 out.append(System(f"{INIT_SYSTEM[init]}_n{n}", self.quantized(), template, INIT_SYSTEM[init], n))
         return out
+
+
+def layout_of(args) -> ExpLayout:
+    """The layout a stage's ``--exp_dir``, ``--quant`` and ``--tag`` name (a bad tag: an argparse-style error)."""
+    try:
+        return ExpLayout(Path(args.exp_dir), quant=args.quant, tag=args.tag)
+    except ValueError as e:
+        raise SystemExit(f"error: --tag: {e}") from None

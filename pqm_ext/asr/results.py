@@ -138,7 +138,7 @@ def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str,
     results["bytes"] = sizes
     params = {}
     for init, group in INIT_SYSTEM.items():
-        found = sorted((layout.root / "adapt" / init).glob("n*/*/adapter"))
+        found = sorted((layout.work / "adapt" / init).glob("n*/*/adapter"))
         if found:
             params[group] = adapter_params(found[0])
     if (layout.pretrain / "adapter").is_dir():

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pqm_ext.asr.adapt import INITS, adapt_speaker
-from pqm_ext.asr.layout import ExpLayout
+from pqm_ext.asr.layout import layout_of
 from pqm_ext.data.kaldi_dir import read_data_dir
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.cli import entry_point
@@ -29,6 +29,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp_dir", required=True, help="exp/<model> (see pqm_ext.asr.layout)")
     p.add_argument("--quant", default="nf4", help="quantised base under exp_dir")
+    p.add_argument("--tag", default="", help="a variant's directory under exp_dir for stages 6-8 (see pqm_ext.asr.layout)")
     p.add_argument("--data", required=True, help="formatted adaptation data dir (all target speakers)")
     p.add_argument("--splits", required=True, help="dir with <spk>.adapt files (utterances in adaptation order)")
     p.add_argument("--speakers", nargs="+", required=True, help="speaker ids, or @file with one per line")
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
     unknown = [s for s in speakers if s not in set(data.utt2spk.values())]
     if unknown:
         raise InputError(Path(a.data) / "utt2spk", f"unknown speaker(s) {unknown}: not in the adaptation data")
-    layout = ExpLayout(Path(a.exp_dir), quant=a.quant)
+    layout = layout_of(a)
     failures = []
     for spk in speakers:
         failures += adapt_speaker(layout, spk, data, Path(a.splits), a.nutts, a.inits,

@@ -23,7 +23,7 @@ from pqm_ext.asr.batch_decode import NotGreedyError
 from pqm_ext.asr.config import read_yaml
 from pqm_ext.asr.adapt import INITS
 from pqm_ext.asr.decode import decode_systems
-from pqm_ext.asr.layout import ExpLayout
+from pqm_ext.asr.layout import layout_of
 from pqm_ext.bin.adapt_speakers import speakers_of
 from pqm_ext.data.kaldi_dir import read_data_dir
 from pqm_ext.utils.errors import InputError
@@ -36,13 +36,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="nf4")
     p.add_argument("--baselines", nargs="*", default=["int4"])
     p.add_argument("--data", required=True, help="formatted test data dir")
+    p.add_argument("--tag", default="", help="a variant's directory under exp_dir for stages 6-8 (see pqm_ext.asr.layout)")
     p.add_argument("--speakers", nargs="+", required=True, help="speaker ids, or @file")
     p.add_argument("--nutts", nargs="*", type=int, default=[])
     p.add_argument("--inits", nargs="*", choices=INITS, default=["scratch", "pretrained"])
     p.add_argument("--no_pretrained", action="store_true", help="skip the pretrained-LoRA-only system")
     p.add_argument("--systems", nargs="*", default=None, help="decode only these systems")
     p.add_argument("--decode_config", required=True)
-    p.add_argument("--out_dir", default=None, help="default: <exp_dir>/decode (e.g. pseudo-labels elsewhere)")
+    p.add_argument("--out_dir", default=None, help="default: <exp_dir>[/<tag>]/decode (e.g. pseudo-labels elsewhere)")
     p.add_argument("--ngpu", type=int, default=0)
     p.add_argument("--mixed_batch", type=int, default=0,
                    help="greedy decoding in batches of this many utterances from different speakers, each with "
@@ -56,7 +57,7 @@ def get_parser() -> argparse.ArgumentParser:
 @entry_point
 def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
-    layout = ExpLayout(Path(a.exp_dir), quant=a.quant)
+    layout = layout_of(a)
     systems = layout.systems(a.nutts, a.inits, a.baselines, with_pretrained=not a.no_pretrained)
     if a.systems is not None:
         systems = [s for s in systems if s.name in a.systems]
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
     if unknown:
         raise InputError(Path(a.data) / "utt2spk", f"unknown speaker(s) {unknown}")
     conf = read_yaml(a.decode_config)
-    out_dir = Path(a.out_dir) if a.out_dir else layout.root / "decode"
+    out_dir = Path(a.out_dir) if a.out_dir else layout.work / "decode"
     try:
         failures = decode_systems(systems, data, speakers, out_dir, conf,
                                   device="cuda" if a.ngpu > 0 else "cpu", mixed_batch=a.mixed_batch,

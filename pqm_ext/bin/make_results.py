@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from pqm_ext.asr.config import read_yaml
-from pqm_ext.asr.layout import ExpLayout
+from pqm_ext.asr.layout import layout_of
 from pqm_ext.asr.results import collect, plot_wer_vs_n, render_markdown
 from pqm_ext.data.kaldi_dir import read_data_dir
 from pqm_ext.utils.fileio import atomic_file, write_text_atomic
@@ -25,6 +25,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="nf4")
     p.add_argument("--baselines", nargs="*", default=["int4"])
     p.add_argument("--data", required=True)
+    p.add_argument("--tag", default="", help="a variant's directory under exp_dir for stages 6-8 (see pqm_ext.asr.layout)")
     p.add_argument("--model", required=True)
     p.add_argument("--corpus", required=True)
     p.add_argument("--nutts", nargs="*", type=int, default=[])
@@ -36,15 +37,15 @@ def get_parser() -> argparse.ArgumentParser:
 @entry_point
 def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
-    layout = ExpLayout(Path(a.exp_dir), quant=a.quant)
+    layout = layout_of(a)
     systems = layout.systems(a.nutts, a.inits, a.baselines)
     results = collect(layout, systems, read_data_dir(a.data), a.model, a.corpus, read_yaml(a.decode_config))
-    write_text_atomic(layout.root / "results.json", json.dumps(results, indent=1))
-    write_text_atomic(layout.root / "RESULTS.md", render_markdown(results))
-    with atomic_file(layout.root / "wer_vs_n.png", "wb") as f:
+    write_text_atomic(layout.work / "results.json", json.dumps(results, indent=1))
+    write_text_atomic(layout.work / "RESULTS.md", render_markdown(results))
+    with atomic_file(layout.work / "wer_vs_n.png", "wb") as f:
         f.close()
         plot_wer_vs_n(results, Path(f.name))
-    logging.info("wrote %s", layout.root / "RESULTS.md")
+    logging.info("wrote %s", layout.work / "RESULTS.md")
 
 
 if __name__ == "__main__":
