@@ -94,6 +94,12 @@ class ExpLayout:
         return out
 
 
+def add_tag_argument(parser) -> None:
+    """``--tag``, the same for every stage that reads the layout (stages 7 and 8)."""
+    parser.add_argument("--tag", default="",
+                        help="a variant's directory under exp_dir for stages 6-8 (see pqm_ext.asr.layout)")
+
+
 def layout_of(args) -> ExpLayout:
     """The layout a stage's ``--exp_dir``, ``--quant`` and ``--tag`` name (a bad tag: an argparse-style error)."""
     try:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pqm_ext.asr.adapt import INITS, adapt_speaker
-from pqm_ext.asr.layout import layout_of
+from pqm_ext.asr.layout import add_tag_argument, layout_of
 from pqm_ext.data.kaldi_dir import read_data_dir
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.cli import entry_point
@@ -29,7 +29,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp_dir", required=True, help="exp/<model> (see pqm_ext.asr.layout)")
     p.add_argument("--quant", default="nf4", help="quantised base under exp_dir")
-    p.add_argument("--tag", default="", help="a variant's directory under exp_dir for stages 6-8 (see pqm_ext.asr.layout)")
+    add_tag_argument(p)
     p.add_argument("--data", required=True, help="formatted adaptation data dir (all target speakers)")
     p.add_argument("--splits", required=True, help="dir with <spk>.adapt files (utterances in adaptation order)")
     p.add_argument("--speakers", nargs="+", required=True, help="speaker ids, or @file with one per line")

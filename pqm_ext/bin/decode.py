@@ -23,7 +23,7 @@ from pqm_ext.asr.batch_decode import NotGreedyError
 from pqm_ext.asr.config import read_yaml
 from pqm_ext.asr.adapt import INITS
 from pqm_ext.asr.decode import decode_systems
-from pqm_ext.asr.layout import layout_of
+from pqm_ext.asr.layout import add_tag_argument, layout_of
 from pqm_ext.bin.adapt_speakers import speakers_of
 from pqm_ext.data.kaldi_dir import read_data_dir
 from pqm_ext.utils.errors import InputError
@@ -36,7 +36,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="nf4")
     p.add_argument("--baselines", nargs="*", default=["int4"])
     p.add_argument("--data", required=True, help="formatted test data dir")
-    p.add_argument("--tag", default="", help="a variant's directory under exp_dir for stages 6-8 (see pqm_ext.asr.layout)")
+    add_tag_argument(p)
     p.add_argument("--speakers", nargs="+", required=True, help="speaker ids, or @file")
     p.add_argument("--nutts", nargs="*", type=int, default=[])
     p.add_argument("--inits", nargs="*", choices=INITS, default=["scratch", "pretrained"])

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from pqm_ext.asr.config import read_yaml
-from pqm_ext.asr.layout import layout_of
+from pqm_ext.asr.layout import add_tag_argument, layout_of
 from pqm_ext.asr.results import collect, plot_wer_vs_n, render_markdown
 from pqm_ext.data.kaldi_dir import read_data_dir
 from pqm_ext.utils.fileio import atomic_file, write_text_atomic
@@ -25,7 +25,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="nf4")
     p.add_argument("--baselines", nargs="*", default=["int4"])
     p.add_argument("--data", required=True)
-    p.add_argument("--tag", default="", help="a variant's directory under exp_dir for stages 6-8 (see pqm_ext.asr.layout)")
+    add_tag_argument(p)
     p.add_argument("--model", required=True)
     p.add_argument("--corpus", required=True)
     p.add_argument("--nutts", nargs="*", type=int, default=[])

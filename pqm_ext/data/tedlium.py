@@ -89,6 +89,13 @@ class StmNotes:
     unk: Set[str] = field(default_factory=set)
     person: Dict[str, str] = field(default_factory=dict)
 
+    def add(self, other: "StmNotes") -> None:
+        """Take in another subset's notes."""
+        self.ignored, self.digits, self.empty = (self.ignored + other.ignored, self.digits + other.digits,
+                                                 self.empty + other.empty)
+        self.unk |= other.unk
+        self.person.update(other.person)
+
     def summary(self) -> str:
         return (f"dropped {self.ignored} ignore_time_segment_in_scoring, {self.digits} with digits, "
                 f"{self.empty} without words")
@@ -165,10 +172,7 @@ def scan_subset(root: Path, subset: str, seen: Dict[str, Tuple[Path, int]], note
         data.spk2gender = None  # spk2gender must cover every speaker or be absent
     logging.info("%s: %d talks, %d segments (%s; %d with <unk>)", base, len(stms), len(data.utt2spk),
                  counts.summary(), len(counts.unk))
-    notes.ignored, notes.digits, notes.empty = (notes.ignored + counts.ignored, notes.digits + counts.digits,
-                                                notes.empty + counts.empty)
-    notes.unk |= counts.unk
-    notes.person.update(counts.person)
+    notes.add(counts)
     return data
 
 
