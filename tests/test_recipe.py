@@ -193,14 +193,15 @@ def test_a_changed_option_redoes_exactly_the_units_it_changes(recipe):
 
 def test_a_tagged_variant_is_a_table_beside_the_default(recipe):
     """--tag T: stages 7-8 write exp/whisper/T/ (ESPnet's --asr_tag), reuse the base, the quantised model and,
-    without a stage 6 of its own, the default pretrained LoRA, and leave the default table alone."""
+    without a stage 6 of its own, the default pretrained LoRA, copy (not decode again) the default's hypotheses
+    of the systems they share, and leave the default table alone."""
     from pqm_ext.lora.io import adapter_info
     from pqm_ext.utils.provenance import file_digest
 
     before = outputs(recipe)
     table = (recipe / "exp/whisper/RESULTS.md").stat().st_mtime_ns
     res = run_recipe(recipe, "--stage", "7", "--stop_stage", "8", "--tag", "three_epochs",
-                     "--adapt_args", "--max_epoch 3")
+                     "--adapt_args", "--max_epoch 3", "--nutts", "2")
     assert res.returncode == 0
     assert "--tag three_epochs has no stage-6 output of its own: PQM starts from exp/whisper/lora_pretrain" in res.stderr
     after = outputs(recipe)  # the default table's models, adapters and hypotheses are untouched
@@ -210,9 +211,17 @@ def test_a_tagged_variant_is_a_table_beside_the_default(recipe):
     assert sorted(p.name for p in variant.iterdir()) == ["RESULTS.md", "adapt", "decode", "results.json",
                                                          "wer_vs_n.png"]
     units = list((variant / "adapt").glob("*/n*/*/adapter"))
-    assert len(units) == 8 and {adapter_info(u)["max_epoch"] for u in units} == {3}
+    assert len(units) == 4 and {adapter_info(u)["max_epoch"] for u in units} == {3}
     pretrained = file_digest(recipe / "exp/whisper/lora_pretrain/adapter/adapter_model.safetensors")
     assert {adapter_info(u)["made_from"]["init_adapter"] for u in units if "/pretrained/" in str(u)} == {pretrained}
     results = json.loads((variant / "results.json").read_text())
-    assert set(results["systems"]) == set(SYSTEMS)
+    assert set(results["systems"]) == set(SYSTEMS) and results["tag"] == "three_epochs"
+    assert (variant / "RESULTS.md").read_text().startswith("# Results: whisper on librispeech_sa, variant `three_epochs`")
     assert (recipe / "exp/whisper/RESULTS.md").stat().st_mtime_ns == table
+    # the systems without a speaker adapter are the default's, hypotheses and decoding times alike
+    logs = "".join(f.read_text() for f in (variant / "decode/log").glob("decode.*.log"))  # one speaker a job
+    for system in ["fp", "nf4", "int4", "lora_pretrained"]:
+        assert logs.count(f"{system}: copied the hypotheses of 1 speaker(s) from exp/whisper/decode/{system} ") == 2
+        for f in (recipe / "exp/whisper/decode" / system / "hyp").iterdir():
+            assert (variant / "decode" / system / "hyp" / f.name).read_bytes() == f.read_bytes()
+    assert "pqm_n2: copied" not in logs and "lora_scratch_n2: copied" not in logs  # new adapters: decoded

@@ -5,6 +5,10 @@ duration, decoding time and what it was made from (model, adapter, test utteranc
 in ``<spk>.json``. A re-run skips the files made from the same inputs, so an interrupted job resumes
 where it stopped, and decodes again those whose inputs changed (``pqm_ext.utils.provenance``). A
 speaker whose adapter is missing is reported and the others go on.
+
+Because the record names the inputs by their digests, hypotheses made from the same inputs elsewhere
+are the same hypotheses: a tagged variant (``--tag``) copies the default table's fp, quantised and,
+when it shares the pretrained LoRA, lora_pretrained decodes instead of decoding them again.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -23,7 +27,7 @@ from pqm_ext.data.kaldi_dir import DataDir
 from pqm_ext.lora import adapter_config_of
 from pqm_ext.lora.io import WEIGHTS
 from pqm_ext.utils.fileio import write_text_atomic
-from pqm_ext.utils.provenance import file_digest, lines_digest, read_record, reusable
+from pqm_ext.utils.provenance import canonical, file_digest, lines_digest, read_record, reusable
 
 logger = logging.getLogger(__name__)
 
@@ -43,25 +47,49 @@ def decode_inputs(system: System, spk: str, data: DataDir, utts: Sequence[str], 
             "fold_adapters": bool(fold_adapters) if adapter and not mixed_batch else None}
 
 
+def copy_decoded(system: System, spk: str, wanted: Dict, donors: Sequence[Path], out: Path) -> Optional[Path]:
+    """Copy ``spk``'s hypotheses by ``system`` from the first of the ``donors`` decode roots that holds them
+    made from the same inputs (``wanted``); return where they came from, or None."""
+    for root in donors:
+        src = hyp_file(Path(root) / system.name, spk)
+        record = read_record(src.with_suffix(".json"))
+        if (src.is_file() and src.resolve() != out.resolve() and isinstance(record, dict)
+                and canonical(record.get("made_from")) == canonical(wanted)):
+            write_text_atomic(out, src.read_text())  # hypotheses first, as when decoding
+            write_text_atomic(out.with_suffix(".json"), json.dumps(record))
+            return src
+    return None
+
+
 def todo_speakers(system: System, data: DataDir, speakers: Sequence[str], decode_root: Path, decode_conf: Dict,
-                  mixed_batch: int = 0, fold_adapters: bool = True):
+                  mixed_batch: int = 0, fold_adapters: bool = True, donors: Sequence[Path] = ()):
     """(speakers to decode with their inputs, failures): a speaker is decoded unless its hypotheses were made
-    from the same inputs; one whose adapter is missing is a failure."""
+    from the same inputs, here or in one of the ``donors`` decode roots (then they are copied); one whose
+    adapter is missing is a failure."""
     spk2utt = data.spk2utt()
     missing = [s for s in speakers if system.adapter and not (system.adapter_for(s) / WEIGHTS).is_file()]
     failures = [f"{system.name}/{s}: adapter {system.adapter_for(s)} not found" for s in missing]
-    todo = {}
+    todo, copied = {}, {}
     for spk in (s for s in speakers if s not in missing):
         wanted = decode_inputs(system, spk, data, spk2utt[spk], decode_conf, mixed_batch, fold_adapters)
         out = hyp_file(decode_root / system.name, spk)
-        if not (out.is_file() and reusable(read_record(out.with_suffix(".json"), "made_from"), wanted, out)):
+        if out.is_file() and reusable(read_record(out.with_suffix(".json"), "made_from"), wanted, out):
+            continue
+        source = copy_decoded(system, spk, wanted, donors, out)
+        if source is None:
             todo[spk] = wanted
+        else:
+            copied[spk] = source.parent.parent
+    if copied:
+        logger.info("%s: copied the hypotheses of %d speaker(s) from %s (made from the same model, adapter, test "
+                    "utterances and decoding options)", system.name, len(copied),
+                    ", ".join(sorted({str(d) for d in copied.values()})))
     return todo, failures
 
 
 def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[str], decode_root: Path,
                    decode_conf: Dict, device: str = "cpu", mixed_batch: int = 0,
-                   fold_adapters: bool = True) -> List[str]:
+                   fold_adapters: bool = True, donors: Sequence[Path] = ()) -> List[str]:
     """Decode ``speakers`` with each system; return the failures as ``system/speaker: reason``.
 
     ``fold_adapters``: decode each speaker with the adapter folded into the weights
@@ -71,16 +99,20 @@ def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[
     speakers in turn, each with its own speaker's adapter (``pqm_ext.asr.batch_decode``); for Whisper the
     hypotheses are those of one-at-a-time greedy decoding, for a Conformer nearly so (its convolution
     modules see the batch's padding). The decoding config must be greedy.
+
+    ``donors``: other decode roots whose hypotheses made from the same inputs are copied, not decoded again.
     """
     from pqm_ext.asr.recognizer import Recognizer
 
     if mixed_batch > 0:
-        return _decode_systems_mixed(systems, data, speakers, decode_root, decode_conf, device, mixed_batch)
+        return _decode_systems_mixed(systems, data, speakers, decode_root, decode_conf, device, mixed_batch,
+                                      donors)
 
     spk2utt = data.spk2utt()
     failures = []
     for system in systems:
-        todo, missing = todo_speakers(system, data, speakers, decode_root, decode_conf, fold_adapters=fold_adapters)
+        todo, missing = todo_speakers(system, data, speakers, decode_root, decode_conf,
+                                      fold_adapters=fold_adapters, donors=donors)
         failures += missing
         if not todo:
             continue
@@ -118,7 +150,8 @@ def _interleave(spk2utt: Dict[str, List[str]], speakers: Sequence[str]) -> List[
 
 
 def _decode_systems_mixed(systems: Sequence[System], data: DataDir, speakers: Sequence[str], decode_root: Path,
-                          decode_conf: Dict, device: str, batch_size: int) -> List[str]:
+                          decode_conf: Dict, device: str, batch_size: int,
+                          donors: Sequence[Path] = ()) -> List[str]:
     from pqm_ext.asr.batch_decode import batch_decode, check_greedy
     from pqm_ext.asr.recognizer import Recognizer
     from pqm_ext.lora.mixed import load_adapters
@@ -126,7 +159,8 @@ def _decode_systems_mixed(systems: Sequence[System], data: DataDir, speakers: Se
     spk2utt = data.spk2utt()
     failures = []
     for system in systems:
-        todo, missing = todo_speakers(system, data, speakers, decode_root, decode_conf, mixed_batch=batch_size)
+        todo, missing = todo_speakers(system, data, speakers, decode_root, decode_conf, mixed_batch=batch_size,
+                                      donors=donors)
         failures += missing
         if not todo:
             continue

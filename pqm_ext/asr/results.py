@@ -106,6 +106,9 @@ def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str,
     speakers = sorted(set(data.utt2spk.values()))
     results: Dict = {"model": model, "corpus": corpus, "quant": layout.quant, "speakers": speakers,
                      "test_utts": len(data.utt2spk), "decode": decode_conf, "systems": {}, "decode_time": {}}
+    if layout.tag:  # a variant's table must say so, and which pretrained LoRA its PQM started from
+        results["tag"] = layout.tag
+        results["pretrained_lora"] = str(layout.pretrain / "adapter")
     scored: Dict[Key, List[UttScore]] = {}
     summaries: Dict[Key, Dict] = {}
     for system in systems:
@@ -154,13 +157,16 @@ def _pct(x: Optional[float]) -> str:
 
 def render_markdown(r: Dict) -> str:
     mb = 1e6
-    lines = [f"# Results: {r['model']} on {r['corpus']}", "",
-             f"Target speakers: {len(r['speakers'])}, test utterances: {r['test_utts']}. "
-             f"WER pooled over all test words (errors / reference words), 95% bootstrap interval over utterances. "
-             f"Decoding: {json.dumps(r['decode'])}. Normalisation: lower case, punctuation removed (pqm_ext.asr.score).",
-             "The relative reduction's interval is paired: FP and the system are resampled with the same utterances.",
-             "", "| system | N adapt utts | WER % | 95% CI | sub/del/ins | rel. WER reduction vs FP % "
-             "| paired 95% CI | base size MB |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"# Results: {r['model']} on {r['corpus']}" + (f", variant `{r['tag']}`" if r.get("tag") else ""), ""]
+    if r.get("tag"):
+        lines += [f"A variant beside the default table (`--tag {r['tag']}`): the same base and quantised models; "
+                  f"PQM starts from `{r['pretrained_lora']}`.", ""]
+    lines += [f"Target speakers: {len(r['speakers'])}, test utterances: {r['test_utts']}. "
+              f"WER pooled over all test words (errors / reference words), 95% bootstrap interval over utterances. "
+              f"Decoding: {json.dumps(r['decode'])}. Normalisation: lower case, punctuation removed (pqm_ext.asr.score).",
+              "The relative reduction's interval is paired: FP and the system are resampled with the same utterances.",
+              "", "| system | N adapt utts | WER % | 95% CI | sub/del/ins | rel. WER reduction vs FP % "
+              "| paired 95% CI | base size MB |", "|---|---|---|---|---|---|---|---|"]
     sizes = r.get("bytes", {})
     rel, rel_ci = r.get("relative_wer_reduction_vs_fp", {}), r.get("relative_wer_reduction_vs_fp_ci95", {})
 
@@ -229,7 +235,7 @@ def plot_wer_vs_n(r: Dict, path: Path) -> bool:
             drawn = True
     ax.set_xlabel("adaptation utterances per speaker (N)")
     ax.set_ylabel("WER %")
-    ax.set_title(f"{r['model']} on {r['corpus']}: WER vs N")
+    ax.set_title(f"{r['model']} on {r['corpus']}" + (f" ({r['tag']})" if r.get("tag") else "") + ": WER vs N")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")

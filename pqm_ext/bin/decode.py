@@ -68,10 +68,12 @@ def main(argv=None) -> None:
         raise InputError(Path(a.data) / "utt2spk", f"unknown speaker(s) {unknown}")
     conf = read_yaml(a.decode_config)
     out_dir = Path(a.out_dir) if a.out_dir else layout.work / "decode"
+    # a variant shares fp, the quantised bases and maybe the pretrained LoRA with the default table
+    donors = [layout.root / "decode"] if layout.tag and not a.out_dir else []
     try:
         failures = decode_systems(systems, data, speakers, out_dir, conf,
                                   device="cuda" if a.ngpu > 0 else "cpu", mixed_batch=a.mixed_batch,
-                                  fold_adapters=a.fold_adapters)
+                                  fold_adapters=a.fold_adapters, donors=donors)
     except NotGreedyError as e:
         raise InputError(Path(a.decode_config), f"--mixed_batch: {e}") from e
     if failures:
