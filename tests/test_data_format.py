@@ -81,6 +81,36 @@ def test_flac_output_holds_the_same_samples_and_a_format_change_rebuilds(tmp_pat
     check_formatted(src, tmp_path / "wav", ext="flac")
 
 
+def test_a_duration_range_leaves_out_the_others_and_a_new_range_rebuilds(tmp_path, prepared):
+    """asr.sh's "remove short/long data" for a training set: utterances outside [min, max] s leave every file
+    of the data dir, their audio too; the range is part of what DST was made from."""
+    src = prepared["tedlium3"] / "pretrain"
+    everything = check_formatted(src, format_data_dir(src, tmp_path / "all"))
+    seconds = {u: n / 16000 for u, n in everything.utt2num_samples.items()}
+    low, high = sorted(seconds.values())[1], sorted(seconds.values())[-2]  # drops the shortest and the longest
+    cmd = [sys.executable, "-m", "pqm_ext.bin.format_data_dir", str(src), str(tmp_path / "dst"),
+           "--min_duration", str(low - 1e-4), "--max_duration", str(high + 1e-4)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "left out 1 utterance(s) shorter than" in proc.stderr and "and 1 longer than" in proc.stderr
+    data = validate_data_dir(tmp_path / "dst", check_audio="decode")
+    kept = sorted(u for u, s in seconds.items() if low - 1e-4 <= s <= high + 1e-4)
+    assert data.utts == kept and len(kept) == len(seconds) - 2
+    assert sorted(p.name for p in (tmp_path / "dst/data").iterdir()) == [f"{u}.wav" for u in kept]
+    assert {u: everything.text[u] for u in kept} == data.text
+    assert sorted(u for line in (tmp_path / "dst/spk2utt").read_text().splitlines() for u in line.split()[1:]) == kept
+    # the same range again: skipped; another range: made again with everything back
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "complete: skipping" in proc.stderr
+    assert check_formatted(src, format_data_dir(src, tmp_path / "dst", durations=(0, 1000))).utts == everything.utts
+    # nothing in range: an error naming the source, and the old DST left as it was
+    with pytest.raises(InputError, match=r"pretrain/wav.scp: no utterance lasts 1000 to 2000 s"):
+        format_data_dir(src, tmp_path / "dst", durations=(1000, 2000))
+    assert read_data_dir(tmp_path / "dst").utts == everything.utts
+    proc = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--min_duration and --max_duration go together" in proc.stderr
+
+
 def test_resampled_and_downmixed(tmp_path, prepared):
     """A 44.1 kHz stereo and an 8 kHz copy of real utterances come back as 16 kHz mono."""
     source = read_data_dir(prepared["librispeech"] / "dev")

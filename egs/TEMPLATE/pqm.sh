@@ -22,6 +22,9 @@ data_opts=                 # options of local/data.sh
 datadir=                   # Kaldi data dirs (default: data)
 dumpdir=                   # formatted data dirs go to <dumpdir>/raw (default: dump)
 audio_format=wav           # stage 2's audio files: wav | flac (about half the disk; ESPnet's default)
+min_wav_duration=0.1       # stage 2 leaves shorter utterances out of the pretraining pool and dev set (asr.sh's)
+max_wav_duration=30        # ... and longer ones (Whisper's encoder sees 30 s; asr.sh's default is 20, but both
+                           # models share dump/). Adaptation and test sets keep every utterance.
 # Models
 model_config=              # default: conf/<model>/model.yaml
 whisper_checkpoint=        # openai-whisper checkpoint (e.g. base.en.pt); empty: bundled tiny.en
@@ -51,9 +54,9 @@ asr_args=                  # extra ESPnet trainer options for the Conformer base
 
 help_message="Usage: $0 [options]  (see the comments at the top of egs/TEMPLATE/pqm.sh)"
 options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts datadir dumpdir
-         audio_format model_config whisper_checkpoint pretrained_model base_train_config nbpe quant baselines nutts inits
-         pseudo_labels valid_fraction decode_config mixed_batch fold_adapters lora_args pretrain_args adapt_args
-         asr_args tag"
+         audio_format min_wav_duration max_wav_duration model_config whisper_checkpoint pretrained_model
+         base_train_config nbpe quant baselines nutts inits pseudo_labels valid_fraction decode_config mixed_batch
+         fold_adapters lora_args pretrain_args adapt_args asr_args tag"
 . utils/parse_options.sh
 [ $# -eq 0 ] || { log "unexpected argument: $1"; exit 1; }
 . ./path.sh
@@ -105,7 +108,8 @@ fi
 if run 2; then
   log "Stage 2: format and validate data dirs into $dump"
   for x in pretrain dev sa_adapt sa_test; do
-    python -m pqm_ext.bin.format_data_dir $datadir/$x $dump/$x --nj "$nj" --audio_format "$audio_format"
+    case $x in pretrain|dev) limits="--min_duration $min_wav_duration --max_duration $max_wav_duration" ;; *) limits= ;; esac
+    python -m pqm_ext.bin.format_data_dir $datadir/$x $dump/$x --nj "$nj" --audio_format "$audio_format" $limits
   done
 fi
 

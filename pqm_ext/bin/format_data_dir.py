@@ -22,14 +22,24 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--check_audio", choices=CHECK_AUDIO, default="header", help="how SRC's audio is checked first")
     p.add_argument("--audio_format", choices=("wav", "flac"), default="wav",
                    help="file format of DST's audio (flac: about half the disk)")
+    p.add_argument("--min_duration", type=float, default=None,
+                   help="leave out utterances shorter than this many seconds (a training set; needs --max_duration)")
+    p.add_argument("--max_duration", type=float, default=None,
+                   help="leave out utterances longer than this many seconds (a training set; needs --min_duration)")
     return p
 
 
 @entry_point
 def main(argv=None) -> None:
-    a = get_parser().parse_args(argv)
+    p = get_parser()
+    a = p.parse_args(argv)
+    if (a.min_duration is None) != (a.max_duration is None):
+        p.error("--min_duration and --max_duration go together")
+    durations = None if a.max_duration is None else (a.min_duration, a.max_duration)
+    if durations is not None and not 0 <= durations[0] < durations[1]:
+        p.error(f"--min_duration {a.min_duration:g} must be >= 0 and below --max_duration {a.max_duration:g}")
     format_data_dir(a.src, a.dst, nj=a.nj, sample_rate=a.sample_rate, check_audio=a.check_audio,
-                    audio_format=a.audio_format)
+                    audio_format=a.audio_format, durations=durations)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ averaged. DST gets wav.scp (absolute paths), text, utt2spk, spk2utt, utt2num_sam
 when the source has it). DST is built in a temporary directory, validated and renamed, and records its
 source in ``.format_data_dir.yaml``: a complete DST for the same source is skipped, one made from an
 older source is rebuilt, and a DST that this step did not write is never touched.
+
+A training set can be limited to a duration range (ESPnet's ``--min_wav_duration``/``--max_wav_duration``,
+asr.sh's "remove short/long data"): Whisper's encoder sees only the first 30 s of an utterance while its
+target keeps every word, and a Conformer batch is sized by its longest utterance. Test sets keep everything.
 """
 from __future__ import annotations
 
@@ -83,8 +87,10 @@ def _jobs(data: DataDir, out_dir: Path, rate: int, ext: str) -> List[Job]:
     return [(data.wav_scp[r], items, str(out_dir), rate, ext) for r, items in sorted(by_rec.items())]
 
 
-def is_formatted(src: Path, dst: Path, audio_format: str = "wav") -> bool:
-    """True when ``dst`` is complete and was formatted from the current ``src`` into ``audio_format``."""
+def is_formatted(src: Path, dst: Path, audio_format: str = "wav",
+                 durations: Optional[Tuple[float, float]] = None) -> bool:
+    """True when ``dst`` is complete and was formatted from the current ``src`` into ``audio_format``
+    (limited to the same ``durations``)."""
     marker = dst / MARKER
     if not dst.exists():
         return False
@@ -93,16 +99,34 @@ def is_formatted(src: Path, dst: Path, audio_format: str = "wav") -> bool:
     with open(marker, encoding="utf-8") as f:
         record = yaml.safe_load(f) or {}
     return (record.get("source") == str(src.absolute()) and record.get("digest") == source_digest(src)
-            and record.get("audio_format", "wav") == audio_format)
+            and record.get("audio_format", "wav") == audio_format
+            and record.get("durations") == (None if durations is None else list(durations)))
+
+
+def within(utt2num_samples: Dict[str, int], sample_rate: int, durations: Tuple[float, float]) -> List[str]:
+    """The utterances lasting ``min <= seconds <= max``; logs what is left out."""
+    low, high = durations
+    keep = [u for u, n in utt2num_samples.items() if low <= n / sample_rate <= high]
+    short = sum(1 for u, n in utt2num_samples.items() if n / sample_rate < low)
+    long_ = len(utt2num_samples) - len(keep) - short
+    if short or long_:
+        lost = sum(n for u, n in utt2num_samples.items() if not low <= n / sample_rate <= high) / sample_rate
+        logging.warning("left out %d utterance(s) shorter than %g s and %d longer than %g s (%.1f s of audio)",
+                        short, low, long_, high, lost)
+    return keep
 
 
 def format_data_dir(src: Union[str, Path], dst: Union[str, Path], nj: int = 1, sample_rate: int = 16000,
-                    check_audio: str = "header", audio_format: str = "wav") -> Path:
-    """Write DST as described in the module docstring; returns DST."""
+                    check_audio: str = "header", audio_format: str = "wav",
+                    durations: Optional[Tuple[float, float]] = None) -> Path:
+    """Write DST as described in the module docstring; returns DST. ``durations``: (min, max) seconds of the
+    utterances kept (None: all)."""
     if audio_format not in AUDIO_FORMATS:
         raise ValueError(f"audio_format must be one of {', '.join(AUDIO_FORMATS)}, not {audio_format!r}")
+    if durations is not None and not 0 <= durations[0] < durations[1]:
+        raise ValueError(f"durations must be (min, max) seconds with 0 <= min < max, not {durations}")
     src, dst = Path(src), Path(dst)
-    if is_formatted(src, dst, audio_format):
+    if is_formatted(src, dst, audio_format, durations):
         logging.info("%s is complete: skipping", dst)
         return dst
     data = validate_data_dir(src, check_audio=check_audio, sample_rate=sample_rate, allow_resample=True)
@@ -129,6 +153,14 @@ def format_data_dir(src: Union[str, Path], dst: Union[str, Path], nj: int = 1, s
             wav_scp={u: str(final / "data" / f"{u}.{audio_format}") for u in data.utts},
             text=data.text, utt2spk=data.utt2spk, utt2num_samples=utt2num_samples, spk2gender=data.spk2gender,
         )
+        if durations is not None:
+            keep = within(utt2num_samples, sample_rate, durations)
+            if not keep:
+                raise InputError(src / "wav.scp", f"no utterance lasts {durations[0]:g} to {durations[1]:g} s")
+            for utt in set(out.utts) - set(keep):
+                (wav_dir / f"{utt}.{audio_format}").unlink()
+            out = out.subset(keep)
+            utt2num_samples = out.utt2num_samples
         out.write(tmp)
         validate_data_dir(tmp, check_audio="header", sample_rate=sample_rate,
                           remap=(str(final), str(tmp.absolute())))
@@ -137,6 +169,8 @@ def format_data_dir(src: Union[str, Path], dst: Union[str, Path], nj: int = 1, s
                       "utterances": len(out.utt2spk)}
             if audio_format != "wav":  # recorded only when not the default: older dump dirs stay current
                 record["audio_format"] = audio_format
+            if durations is not None:
+                record["durations"] = list(durations)
             yaml.safe_dump(record, f, sort_keys=False)
     total = sum(utt2num_samples.values()) / sample_rate / 3600
     logging.info("%s: %d utterances, %.2f h of audio", dst, len(utt2num_samples), total)
