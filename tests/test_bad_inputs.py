@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,20 @@ def test_stage_script_rejects_bad_options_before_running(tmp_path, args, message
     res = pqm_sh(tmp_path, *args)
     assert res.returncode != 0 and message in res.stderr
     assert not (tmp_path / "recipe/exp").exists() and not (tmp_path / "recipe/data").exists()
+
+
+@pytest.mark.parametrize("step, args", [
+    ("adapt_speakers", ["--splits", "s", "--speakers", "a", "--nutts", "5"]),
+    ("decode", ["--speakers", "a", "--decode_config", "d.yaml"]),
+    ("make_results", ["--model", "whisper", "--corpus", "c", "--decode_config", "d.yaml"]),
+])
+def test_entry_points_refuse_the_tags_pqm_sh_refuses(tmp_path, step, args):
+    """Run on their own, the stage-7/8 entry points apply the same rule (pqm_ext.asr.layout.tag_problem)."""
+    res = subprocess.run([sys.executable, "-m", f"pqm_ext.bin.{step}", "--exp_dir", str(tmp_path / "exp"),
+                          "--tag", "int4", "--data", str(tmp_path), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "error: --tag 'int4': a directory name beside base/ and nf4/" in res.stderr, res.stderr
+    assert not (tmp_path / "exp").exists()
 
 
 def test_nj_larger_than_the_number_of_speakers(tmp_path):

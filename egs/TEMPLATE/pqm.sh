@@ -64,9 +64,10 @@ options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir dem
 
 case $model in whisper|conformer) ;; *) log "--model must be whisper or conformer, not '$model'"; exit 1 ;; esac
 if [ "$stage" -gt "$stop_stage" ]; then log "--stage $stage is after --stop_stage $stop_stage"; exit 1; fi
-reserved=" base base_train lora_pretrain adapt decode pseudo_labels $(cd conf && ls quant_*.yaml | sed 's/^quant_//; s/.yaml$//' | tr '\n' ' ')"
-if [ -n "$tag" ] && { [[ ! $tag =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || [[ "$reserved" == *" $tag "* ]]; }; then
-  log "--tag '$tag': a directory name beside base/ and nf4/ (letters, digits, . _ -), not one of:$reserved"; exit 1
+if [ -n "$tag" ]; then  # before any stage writes: pqm_ext.asr.layout is the one place that knows the names
+  problem=$(python -c 'import sys; from pqm_ext.asr.layout import tag_problem; print(tag_problem(sys.argv[1], sys.argv[2:]) or "")' \
+    "$tag" $(cd conf && ls quant_*.yaml | sed 's/^quant_//; s/.yaml$//'))
+  [ -z "$problem" ] || { log "$problem"; exit 1; }
 fi
 model_config=${model_config:-conf/$model/model.yaml}
 base_train_config=${base_train_config:-conf/$model/train.yaml}

@@ -16,11 +16,12 @@ One module knows this layout, so the stages, decoding and result tables cannot d
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
-# Directories of exp/<model>/ a tag must not shadow.
+# Directories of exp/<model>/ a tag must not shadow (with the quantised models', named after conf/quant_*.yaml).
 RESERVED = {"base", "base_train", "lora_pretrain", "adapt", "decode", "pseudo_labels", "nf4", "nf4_dq", "int4"}
 
 # System names in result files (results.json "systems" keys) by adaptation init.
@@ -41,6 +42,16 @@ class System:
         return None if self.adapter is None else Path(self.adapter.format(spk=spk))
 
 
+def tag_problem(tag: str, quant_labels: Iterable[str] = ()) -> Optional[str]:
+    """Why ``tag`` cannot name a variant's directory beside base/ and nf4/ (None if it can, or is empty).
+    pqm.sh asks before any stage runs, with the labels of the recipe's conf/quant_*.yaml."""
+    reserved = RESERVED | set(quant_labels)
+    if not tag or (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tag) and tag not in reserved):
+        return None
+    return (f"--tag '{tag}': a directory name beside base/ and nf4/ (letters, digits, '.', '_', '-'), "
+            f"not one of {', '.join(sorted(reserved))}")
+
+
 @dataclass(frozen=True)
 class ExpLayout:
     root: Path
@@ -48,10 +59,9 @@ class ExpLayout:
     tag: str = ""
 
     def __post_init__(self):
-        if self.tag and (not self.tag.replace("_", "").replace("-", "").replace(".", "").isalnum()
-                         or self.tag in RESERVED):
-            raise ValueError(f"a tag names a directory beside base/ and nf4/: letters, digits, '_', '-', '.' and "
-                             f"not one of {', '.join(sorted(RESERVED))}; got {self.tag!r}")
+        problem = tag_problem(self.tag, [self.quant])
+        if problem:
+            raise ValueError(problem)
 
     @property
     def work(self) -> Path:
@@ -105,4 +115,4 @@ def layout_of(args) -> ExpLayout:
     try:
         return ExpLayout(Path(args.exp_dir), quant=args.quant, tag=args.tag)
     except ValueError as e:
-        raise SystemExit(f"error: --tag: {e}") from None
+        raise SystemExit(f"error: {e}") from None

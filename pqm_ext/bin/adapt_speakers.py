@@ -63,6 +63,7 @@ def speakers_of(values):
 @entry_point
 def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
+    layout = layout_of(a)
     if not 0 <= a.valid_fraction < 1:
         raise SystemExit(f"adapt_speakers: --valid_fraction must be in [0, 1), not {a.valid_fraction}")
     configs = dict(c.split("=", 1) for c in a.config)
@@ -75,7 +76,6 @@ def main(argv=None) -> None:
     unknown = [s for s in speakers if s not in set(data.utt2spk.values())]
     if unknown:
         raise InputError(Path(a.data) / "utt2spk", f"unknown speaker(s) {unknown}: not in the adaptation data")
-    layout = layout_of(a)
     failures = []
     for spk in speakers:
         failures += adapt_speaker(layout, spk, data, Path(a.splits), a.nutts, a.inits,
