@@ -45,6 +45,7 @@ def pqm_sh(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["--tag", "../x"], "--tag '../x': a directory name beside base/ and nf4/"),
     (["--tag", "nf4"], "--tag 'nf4': a directory name"),           # would be the quantised model's directory
     (["--tag", "decode"], "--tag 'decode': a directory name"),
+    (["--tag", "RESULTS.md"], "--tag 'RESULTS.md': a directory name"),  # the default table's files
 ])
 def test_stage_script_rejects_bad_options_before_running(tmp_path, args, message):
     res = pqm_sh(tmp_path, *args)
@@ -63,7 +64,18 @@ def test_entry_points_refuse_the_tags_pqm_sh_refuses(tmp_path, step, args):
                           "--tag", "int4", "--data", str(tmp_path), *args],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "error: --tag 'int4': a directory name beside base/ and nf4/" in res.stderr, res.stderr
-    assert not (tmp_path / "exp").exists()
+
+
+def test_a_tag_named_after_the_recipes_own_quantisation_config_is_refused(tmp_path):
+    """pqm.sh passes the labels of the recipe's conf/quant_*.yaml: a recipe's own int8 is reserved too."""
+    conf = tmp_path / "recipe/conf"
+    conf.mkdir(parents=True)
+    for entry in (REPO / "egs/TEMPLATE/conf").iterdir():
+        (conf / entry.name).symlink_to(entry)
+    (conf / "quant_int8.yaml").write_text("quant_conf: {method: int4}\n")
+    res = pqm_sh(tmp_path, "--tag", "int8")
+    assert res.returncode != 0 and "--tag 'int8': a directory name" in res.stderr
+    assert not (tmp_path / "recipe/data").exists()
 
 
 def test_nj_larger_than_the_number_of_speakers(tmp_path):

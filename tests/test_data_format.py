@@ -1,4 +1,5 @@
 """Stage-2 formatter: 16 kHz mono 16-bit WAV (or FLAC) per utterance, exact cuts, resampling, skip and atomicity."""
+import os
 import shutil
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 
 from data_fixtures import SPLIT_ARGS, librispeech_tree, run_data_sh, tedlium_tree  # noqa: F401
 from pqm_ext.data.format import MARKER, format_data_dir
@@ -99,10 +101,20 @@ def test_a_duration_range_leaves_out_the_others_and_a_new_range_rebuilds(tmp_pat
     assert sorted(p.name for p in (tmp_path / "dst/data").iterdir()) == [f"{u}.wav" for u in kept]
     assert {u: everything.text[u] for u in kept} == data.text
     assert sorted(u for line in (tmp_path / "dst/spk2utt").read_text().splitlines() for u in line.split()[1:]) == kept
-    # the same range again: skipped; another range: made again with everything back
+    # the same range again: skipped; a wider range: made again with everything back
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "complete: skipping" in proc.stderr
     assert check_formatted(src, format_data_dir(src, tmp_path / "dst", durations=(0, 1000))).utts == everything.utts
+    # a narrower range than the DST holds (an unlimited DST of an older version too) reads no audio again:
+    # the same data dir as formatting from scratch, its kept files the very same files
+    inode = {u: os.stat(p).st_ino for u, p in everything.wav_scp.items()}
+    proc = subprocess.run(cmd[:4] + [str(tmp_path / "all")] + cmd[5:], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "without reading its audio again: %d utterances" % len(kept) in proc.stderr
+    narrowed = validate_data_dir(tmp_path / "all", check_audio="decode")
+    assert {u: os.stat(p).st_ino for u, p in narrowed.wav_scp.items()} == {u: inode[u] for u in kept}
+    assert (narrowed.text, narrowed.utt2spk, narrowed.utt2num_samples, narrowed.spk2gender) == (
+        data.text, data.utt2spk, data.utt2num_samples, data.spk2gender)
+    assert yaml.safe_load((tmp_path / "all" / MARKER).read_text())["durations"] == [low - 1e-4, high + 1e-4]
     # nothing in range: an error naming the source, and the old DST left as it was
     with pytest.raises(InputError, match=r"pretrain/wav.scp: no utterance lasts 1000 to 2000 s"):
         format_data_dir(src, tmp_path / "dst", durations=(1000, 2000))

@@ -64,3 +64,40 @@ def test_a_checkpoint_of_a_run_with_other_inputs_is_not_resumed(tmp_path):
     discard_checkpoint_of_other_inputs(train, new)
     assert list(train.glob("*.pth")) == []
     assert json.loads((train / MADE_FROM).read_text()) == new  # the run that starts now is recorded
+
+
+def test_hypotheses_are_copied_only_under_a_record_that_vouches_for_them(tmp_path, monkeypatch):
+    """A tagged variant copies the default's hypotheses made from the same inputs; a donor whose record differs,
+    or whose decode was killed between the hypotheses and their record, is not copied."""
+    import pqm_ext.asr.decode as decode
+    from pqm_ext.asr.layout import System
+
+    system, wanted = System("fp", tmp_path / "base"), {"model": "ab12", "decode_conf": {"beam_size": 4}}
+    donor, out = tmp_path / "exp/decode", decode.hyp_file(tmp_path / "exp/T/decode/fp", "spk1")
+    decode.write_hypotheses(decode.hyp_file(donor / "fp", "spk1"), "spk1-1 ça va\n",
+                            {"decode_s": 3.0, "made_from": wanted})
+    other = {**wanted, "decode_conf": {"beam_size": 1}}
+    assert decode.copy_decoded(system, "spk1", other, [donor], out) is None and not out.exists()
+    assert decode.copy_decoded(system, "spk1", wanted, [donor], out) == decode.hyp_file(donor / "fp", "spk1")
+    assert out.read_text(encoding="utf-8") == "spk1-1 ça va\n"
+    assert json.loads(out.with_suffix(".json").read_text()) == {"decode_s": 3.0, "made_from": wanted}
+
+    # the donor decoded again with other inputs and killed after its hypotheses: no record is left to vouch
+    # for the new text, so nobody copies or reuses it as the old inputs' hypotheses
+    real_write = decode.write_text_atomic
+
+    def killed_after_the_text(path, text):
+        real_write(path, text)
+        if path.suffix == ".txt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(decode, "write_text_atomic", killed_after_the_text)
+    try:
+        decode.write_hypotheses(decode.hyp_file(donor / "fp", "spk1"), "spk1-1 new\n", {"made_from": other})
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert not decode.hyp_file(donor / "fp", "spk1").with_suffix(".json").exists()
+    out.with_suffix(".json").unlink()
+    assert decode.copy_decoded(system, "spk1", wanted, [donor], out) is None
+    assert decode.copy_decoded(system, "spk1", other, [donor], out) is None

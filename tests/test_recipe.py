@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +96,10 @@ def test_stages_1_to_8_write_the_results_table(recipe):
     assert len(adapters(recipe)) == 2 * 2 * 2  # speakers x N x inits
     for log in (recipe / "exp/whisper/adapt/log").glob("adapt.*.log"):
         assert "# Ended (code 0)" in log.read_text()
+    # stage 2 limits the durations of the training sets only (asr.sh's --min/max_wav_duration)
+    ranges = {x: yaml.safe_load((recipe / "dump/raw" / x / ".format_data_dir.yaml").read_text()).get("durations")
+              for x in ("pretrain", "dev", "sa_adapt", "sa_test")}
+    assert ranges == {"pretrain": [0.1, 30.0], "dev": [0.1, 30.0], "sa_adapt": None, "sa_test": None}
 
 
 def test_rerun_of_finished_stages_redoes_nothing(recipe):
@@ -216,7 +221,10 @@ def test_a_tagged_variant_is_a_table_beside_the_default(recipe):
     assert {adapter_info(u)["made_from"]["init_adapter"] for u in units if "/pretrained/" in str(u)} == {pretrained}
     results = json.loads((variant / "results.json").read_text())
     assert set(results["systems"]) == set(SYSTEMS) and results["tag"] == "three_epochs"
-    assert (variant / "RESULTS.md").read_text().startswith("# Results: whisper on librispeech_sa, variant `three_epochs`")
+    assert results["pqm_started_from"] == ["exp/whisper/lora_pretrain/adapter"]
+    assert (variant / "RESULTS.md").read_text().startswith(
+        "# Results: whisper on librispeech_sa, variant `three_epochs`\n\nA variant beside the default table "
+        "(`--tag three_epochs`): the same base and quantised models; PQM started from `exp/whisper/lora_pretrain/adapter`.")
     assert (recipe / "exp/whisper/RESULTS.md").stat().st_mtime_ns == table
     # the systems without a speaker adapter are the default's, hypotheses and decoding times alike
     logs = "".join(f.read_text() for f in (variant / "decode/log").glob("decode.*.log"))  # one speaker a job

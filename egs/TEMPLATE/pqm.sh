@@ -24,7 +24,7 @@ dumpdir=                   # formatted data dirs go to <dumpdir>/raw (default: d
 audio_format=wav           # stage 2's audio files: wav | flac (about half the disk; ESPnet's default)
 min_wav_duration=0.1       # stage 2 leaves shorter utterances out of the pretraining pool and dev set (asr.sh's)
 max_wav_duration=30        # ... and longer ones (Whisper's encoder sees 30 s; asr.sh's default is 20, but both
-                           # models share dump/). Adaptation and test sets keep every utterance.
+                           # models share dump/); empty: no limits. Adaptation and test sets keep every utterance.
 # Models
 model_config=              # default: conf/<model>/model.yaml
 whisper_checkpoint=        # openai-whisper checkpoint (e.g. base.en.pt); empty: bundled tiny.en
@@ -109,7 +109,10 @@ fi
 if run 2; then
   log "Stage 2: format and validate data dirs into $dump"
   for x in pretrain dev sa_adapt sa_test; do
-    case $x in pretrain|dev) limits="--min_duration $min_wav_duration --max_duration $max_wav_duration" ;; *) limits= ;; esac
+    limits=
+    if [ -n "$max_wav_duration" ] && [[ $x = pretrain || $x = dev ]]; then
+      limits="--min_duration ${min_wav_duration:-0} --max_duration $max_wav_duration"
+    fi
     python -m pqm_ext.bin.format_data_dir $datadir/$x $dump/$x --nj "$nj" --audio_format "$audio_format" $limits
   done
 fi

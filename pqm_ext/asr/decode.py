@@ -36,6 +36,15 @@ def hyp_file(decode_dir: Path, spk: str) -> Path:
     return Path(decode_dir) / "hyp" / f"{spk}.txt"
 
 
+def write_hypotheses(out: Path, text: str, record: Dict) -> None:
+    """The old record goes first, then the hypotheses, then the record that vouches for them: a run killed
+    on the way leaves no record, so the speaker is decoded again, and no reader (a re-run, a tagged
+    variant copying them) can take new hypotheses for the ones an old record describes."""
+    out.with_suffix(".json").unlink(missing_ok=True)
+    write_text_atomic(out, text)
+    write_text_atomic(out.with_suffix(".json"), json.dumps(record))
+
+
 def decode_inputs(system: System, spk: str, data: DataDir, utts: Sequence[str], decode_conf: Dict,
                   mixed_batch: int = 0, fold_adapters: bool = True) -> Dict:
     """What the hypotheses of ``spk`` by ``system`` are made from; recorded in ``<spk>.json``."""
@@ -53,10 +62,14 @@ def copy_decoded(system: System, spk: str, wanted: Dict, donors: Sequence[Path],
     for root in donors:
         src = hyp_file(Path(root) / system.name, spk)
         record = read_record(src.with_suffix(".json"))
-        if (src.is_file() and src.resolve() != out.resolve() and isinstance(record, dict)
+        if not (src.is_file() and src.resolve() != out.resolve() and isinstance(record, dict)
                 and canonical(record.get("made_from")) == canonical(wanted)):
-            write_text_atomic(out, src.read_text())  # hypotheses first, as when decoding
-            write_text_atomic(out.with_suffix(".json"), json.dumps(record))
+            continue
+        text = src.read_text(encoding="utf-8")
+        # the donor's record again: a decode of the donor that began meanwhile removed it before its text
+        # (write_hypotheses), so an unchanged record vouches for the text read
+        if read_record(src.with_suffix(".json")) == record:
+            write_hypotheses(out, text, record)
             return src
     return None
 
@@ -126,14 +139,12 @@ def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[
                     audio_s += len(speech) / rate
                     hyps[utt] = rec(speech).strip()
             elapsed = time.perf_counter() - t0
-            out = hyp_file(decode_root / system.name, spk)
-            # hypotheses first, then the record that vouches for them: killed in between, the old record no
-            # longer matches and the speaker is decoded again
-            write_text_atomic(out, "".join(f"{u} {h}\n" for u, h in sorted(hyps.items())))
-            write_text_atomic(out.with_suffix(".json"), json.dumps(
-                {"utts": len(hyps), "audio_s": audio_s, "decode_s": elapsed, "device": device,
-                 "adapter": str(system.adapter_for(spk) or ""), "adapter_folded": bool(system.adapter and fold_adapters),
-                 "decode_conf": decode_conf, "made_from": todo[spk]}))
+            write_hypotheses(hyp_file(decode_root / system.name, spk),
+                             "".join(f"{u} {h}\n" for u, h in sorted(hyps.items())),
+                             {"utts": len(hyps), "audio_s": audio_s, "decode_s": elapsed, "device": device,
+                              "adapter": str(system.adapter_for(spk) or ""),
+                              "adapter_folded": bool(system.adapter and fold_adapters),
+                              "decode_conf": decode_conf, "made_from": todo[spk]})
             logger.info("%s %s: %d utts, RTF %.3f", system.name, spk, len(hyps), elapsed / max(audio_s, 1e-9))
     return failures
 
@@ -188,13 +199,13 @@ def _decode_systems_mixed(systems: Sequence[System], data: DataDir, speakers: Se
         for spk in todo:
             mine = spk2utt[spk]
             audio_s = sum(audio[u] for u in mine)
-            out = hyp_file(decode_root / system.name, spk)
-            write_text_atomic(out, "".join(f"{u} {hyps[u]}\n" for u in sorted(mine)))
-            write_text_atomic(out.with_suffix(".json"), json.dumps(
-                {"utts": len(mine), "audio_s": audio_s, "decode_s": elapsed * audio_s / max(total_audio, 1e-9),
-                 "device": device, "adapter": str(system.adapter_for(spk) or ""), "decode_conf": decode_conf,
-                 "mixed_batch": batch_size, "batch_decode_s": elapsed, "batch_audio_s": total_audio,
-                 "made_from": todo[spk]}))
+            write_hypotheses(hyp_file(decode_root / system.name, spk),
+                             "".join(f"{u} {hyps[u]}\n" for u in sorted(mine)),
+                             {"utts": len(mine), "audio_s": audio_s,
+                              "decode_s": elapsed * audio_s / max(total_audio, 1e-9), "device": device,
+                              "adapter": str(system.adapter_for(spk) or ""), "decode_conf": decode_conf,
+                              "mixed_batch": batch_size, "batch_decode_s": elapsed, "batch_audio_s": total_audio,
+                              "made_from": todo[spk]})
         logger.info("%s: %d speakers, %d utts in mixed batches of %d, RTF %.3f", system.name, len(todo), len(utts),
                     batch_size, elapsed / max(total_audio, 1e-9))
     return failures

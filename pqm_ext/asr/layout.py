@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 # Directories of exp/<model>/ a tag must not shadow (with the quantised models', named after conf/quant_*.yaml).
-RESERVED = {"base", "base_train", "lora_pretrain", "adapt", "decode", "pseudo_labels", "nf4", "nf4_dq", "int4"}
+RESERVED = {"base", "base_train", "lora_pretrain", "adapt", "decode", "pseudo_labels", "nf4", "nf4_dq", "int4",
+            "RESULTS.md", "results.json", "wer_vs_n.png"}
 
 # System names in result files (results.json "systems" keys) by adaptation init.
 INIT_SYSTEM = {"scratch": "lora_scratch", "pretrained": "pqm", "semi": "pqm_semi"}
@@ -111,8 +112,9 @@ def add_tag_argument(parser) -> None:
 
 
 def layout_of(args) -> ExpLayout:
-    """The layout a stage's ``--exp_dir``, ``--quant`` and ``--tag`` name (a bad tag: an argparse-style error)."""
-    try:
-        return ExpLayout(Path(args.exp_dir), quant=args.quant, tag=args.tag)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    """The layout a stage's ``--exp_dir``, ``--quant`` and ``--tag`` name (a bad tag, one naming the quantised
+    model or a baseline too: an argparse-style error)."""
+    problem = tag_problem(args.tag, [args.quant, *getattr(args, "baselines", [])])
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    return ExpLayout(Path(args.exp_dir), quant=args.quant, tag=args.tag)

@@ -18,7 +18,8 @@ from pqm_ext.asr.score import UttScore, paired_bootstrap, score_utterances, summ
 from pqm_ext.data.kaldi_dir import DataDir
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import write_text_atomic
-from pqm_ext.utils.provenance import canonical, changes
+from pqm_ext.lora.io import WEIGHTS, adapter_info
+from pqm_ext.utils.provenance import canonical, changes, file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,17 @@ def _nest(values: Dict[Key, object]) -> Dict:
     return out
 
 
+def pqm_started_from(layout: ExpLayout) -> List[str]:
+    """The pretrained LoRAs the layout's PQM adapters were trained from, as their adapters' records name them
+    (not as the layout would pick now: stage 6 may have run with the tag after stage 7)."""
+    known = {file_digest(d / WEIGHTS): str(d) for d in (layout.root / "lora_pretrain" / "adapter",
+                                                         layout.work / "lora_pretrain" / "adapter")
+             if (d / WEIGHTS).is_file()}
+    used = {adapter_info(a).get("made_from", {}).get("init_adapter")
+            for init in ("pretrained", "semi") for a in (layout.work / "adapt" / init).glob("n*/*/adapter")}
+    return sorted(known.get(d, "an adapter no longer on disk") for d in used if d)
+
+
 def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str, corpus: str,
             decode_conf: Dict) -> Dict:
     speakers = sorted(set(data.utt2spk.values()))
@@ -108,7 +120,7 @@ def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str,
                      "test_utts": len(data.utt2spk), "decode": decode_conf, "systems": {}, "decode_time": {}}
     if layout.tag:  # a variant's table must say so, and which pretrained LoRA its PQM started from
         results["tag"] = layout.tag
-        results["pretrained_lora"] = str(layout.pretrain / "adapter")
+        results["pqm_started_from"] = pqm_started_from(layout)
     scored: Dict[Key, List[UttScore]] = {}
     summaries: Dict[Key, Dict] = {}
     for system in systems:
@@ -159,8 +171,14 @@ def render_markdown(r: Dict) -> str:
     mb = 1e6
     lines = [f"# Results: {r['model']} on {r['corpus']}" + (f", variant `{r['tag']}`" if r.get("tag") else ""), ""]
     if r.get("tag"):
-        lines += [f"A variant beside the default table (`--tag {r['tag']}`): the same base and quantised models; "
-                  f"PQM starts from `{r['pretrained_lora']}`.", ""]
+        origin, start = r.get("pqm_started_from") or [], ""
+        if len(origin) == 1:
+            start = f"; PQM started from `{origin[0]}`"
+        elif origin:
+            start = "; PQM's adapters started from different pretrained LoRAs (re-run stage 7): " + ", ".join(
+                f"`{o}`" for o in origin)
+        lines += [f"A variant beside the default table (`--tag {r['tag']}`): the same base and quantised "
+                  f"models{start}.", ""]
     lines += [f"Target speakers: {len(r['speakers'])}, test utterances: {r['test_utts']}. "
               f"WER pooled over all test words (errors / reference words), 95% bootstrap interval over utterances. "
               f"Decoding: {json.dumps(r['decode'])}. Normalisation: lower case, punctuation removed (pqm_ext.asr.score).",

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -27,7 +28,7 @@ import yaml
 from tqdm import tqdm
 
 from pqm_ext.data.audio import audio_info, read_audio, resample, to_int16
-from pqm_ext.data.kaldi_dir import DataDir, validate_data_dir
+from pqm_ext.data.kaldi_dir import DataDir, read_data_dir, validate_data_dir
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_dir
 
@@ -88,23 +89,41 @@ def _jobs(data: DataDir, out_dir: Path, rate: int, ext: str) -> List[Job]:
 
 
 def is_formatted(src: Path, dst: Path, audio_format: str = "wav",
-                 durations: Optional[Tuple[float, float]] = None) -> bool:
-    """True when ``dst`` is complete and was formatted from the current ``src`` into ``audio_format``
-    (limited to the same ``durations``)."""
-    marker = dst / MARKER
-    if not dst.exists():
-        return False
-    if not marker.is_file():
-        raise InputError(dst, "exists but was not written by format_data_dir: remove it or choose another DST")
-    with open(marker, encoding="utf-8") as f:
-        record = yaml.safe_load(f) or {}
-    return (record.get("source") == str(src.absolute()) and record.get("digest") == source_digest(src)
-            and record.get("audio_format", "wav") == audio_format
+                 durations: Optional[Tuple[float, float]] = None, sample_rate: int = 16000) -> bool:
+    """True when ``dst`` is complete and was formatted from the current ``src`` into ``audio_format`` at
+    ``sample_rate`` (limited to the same ``durations``)."""
+    record = read_marker(dst)
+    return (record is not None and record.get("source") == str(src.absolute())
+            and record.get("digest") == source_digest(src) and record.get("audio_format", "wav") == audio_format
+            and record.get("sample_rate") == sample_rate
             and record.get("durations") == (None if durations is None else list(durations)))
 
 
+def read_marker(dst: Path) -> Optional[Dict]:
+    """What DST was made from (None when there is no DST); a DST this step did not write is an error."""
+    if not dst.exists():
+        return None
+    if not (dst / MARKER).is_file():
+        raise InputError(dst, "exists but was not written by format_data_dir: remove it or choose another DST")
+    with open(dst / MARKER, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def write_marker(dst: Path, src: Path, sample_rate: int, utterances: int, audio_format: str,
+                 durations: Optional[Tuple[float, float]]) -> None:
+    record = {"source": str(src.absolute()), "digest": source_digest(src), "sample_rate": sample_rate,
+              "utterances": utterances}
+    # recorded only when not the default: older dump dirs stay current
+    if audio_format != "wav":
+        record["audio_format"] = audio_format
+    if durations is not None:
+        record["durations"] = list(durations)
+    with open(dst / MARKER, "w", encoding="utf-8") as f:
+        yaml.safe_dump(record, f, sort_keys=False)
+
+
 def within(utt2num_samples: Dict[str, int], sample_rate: int, durations: Tuple[float, float]) -> List[str]:
-    """The utterances lasting ``min <= seconds <= max``; logs what is left out."""
+    """The utterances lasting ``min <= seconds <= max`` (asr.sh keeps ``min < s < max``); logs what is left out."""
     low, high = durations
     keep = [u for u, n in utt2num_samples.items() if low <= n / sample_rate <= high]
     short = sum(1 for u, n in utt2num_samples.items() if n / sample_rate < low)
@@ -126,8 +145,10 @@ def format_data_dir(src: Union[str, Path], dst: Union[str, Path], nj: int = 1, s
     if durations is not None and not 0 <= durations[0] < durations[1]:
         raise ValueError(f"durations must be (min, max) seconds with 0 <= min < max, not {durations}")
     src, dst = Path(src), Path(dst)
-    if is_formatted(src, dst, audio_format, durations):
+    if is_formatted(src, dst, audio_format, durations, sample_rate):
         logging.info("%s is complete: skipping", dst)
+        return dst
+    if narrow(src, dst, audio_format, durations, sample_rate):
         return dst
     data = validate_data_dir(src, check_audio=check_audio, sample_rate=sample_rate, allow_resample=True)
     final = dst.absolute()
@@ -164,14 +185,40 @@ def format_data_dir(src: Union[str, Path], dst: Union[str, Path], nj: int = 1, s
         out.write(tmp)
         validate_data_dir(tmp, check_audio="header", sample_rate=sample_rate,
                           remap=(str(final), str(tmp.absolute())))
-        with open(tmp / MARKER, "w", encoding="utf-8") as f:
-            record = {"source": str(src.absolute()), "digest": source_digest(src), "sample_rate": sample_rate,
-                      "utterances": len(out.utt2spk)}
-            if audio_format != "wav":  # recorded only when not the default: older dump dirs stay current
-                record["audio_format"] = audio_format
-            if durations is not None:
-                record["durations"] = list(durations)
-            yaml.safe_dump(record, f, sort_keys=False)
+        write_marker(tmp, src, sample_rate, len(out.utt2spk), audio_format, durations)
     total = sum(utt2num_samples.values()) / sample_rate / 3600
     logging.info("%s: %d utterances, %.2f h of audio", dst, len(utt2num_samples), total)
     return dst
+
+
+def narrow(src: Path, dst: Path, audio_format: str, durations: Optional[Tuple[float, float]],
+           sample_rate: int) -> bool:
+    """Limit a complete DST made from the same source to a narrower duration range without reading any audio
+    (the TED-LIUM 3 pool is ~51 GB): a new DST of hard links to the kept files. False when DST cannot be
+    narrowed (another source or format, or a range that would need utterances DST does not hold)."""
+    record = read_marker(dst)
+    if durations is None or record is None:
+        return False
+    old = record.get("durations")
+    if old is not None and not old[0] <= durations[0] < durations[1] <= old[1]:
+        return False
+    if not is_formatted(src, dst, audio_format, None if old is None else tuple(old), sample_rate):
+        return False
+    data = read_data_dir(dst)
+    keep = within(data.utt2num_samples, sample_rate, durations)
+    if not keep:
+        raise InputError(src / "wav.scp", f"no utterance lasts {durations[0]:g} to {durations[1]:g} s")
+    with atomic_dir(dst, overwrite=True) as tmp:
+        (tmp / "data").mkdir()
+        for utt in keep:
+            name = f"{utt}.{audio_format}"
+            try:
+                os.link(dst / "data" / name, tmp / "data" / name)
+            except OSError:  # another file system
+                shutil.copyfile(dst / "data" / name, tmp / "data" / name)
+        data.subset(keep).write(tmp)
+        validate_data_dir(tmp, check_audio="header", sample_rate=sample_rate,
+                          remap=(str(dst.absolute()), str(tmp.absolute())))
+        write_marker(tmp, src, sample_rate, len(keep), audio_format, durations)
+    logging.info("%s: limited to %g-%g s without reading its audio again: %d utterances", dst, *durations, len(keep))
+    return True
