@@ -205,8 +205,11 @@ def test_a_tagged_variant_is_a_table_beside_the_default(recipe):
 
     before = outputs(recipe)
     table = (recipe / "exp/whisper/RESULTS.md").stat().st_mtime_ns
+    # decoded as the default table was last decoded (an earlier test may have changed its decoding config)
+    decode_conf = recipe / "decode_of_the_default_table.yaml"
+    decode_conf.write_text(yaml.safe_dump(json.loads((recipe / "exp/whisper/results.json").read_text())["decode"]))
     res = run_recipe(recipe, "--stage", "7", "--stop_stage", "8", "--tag", "three_epochs",
-                     "--adapt_args", "--max_epoch 3", "--nutts", "2")
+                     "--adapt_args", "--max_epoch 3", "--nutts", "2", "--decode_config", str(decode_conf))
     assert res.returncode == 0
     assert "--tag three_epochs has no stage-6 output of its own: PQM starts from exp/whisper/lora_pretrain" in res.stderr
     after = outputs(recipe)  # the default table's models, adapters and hypotheses are untouched
