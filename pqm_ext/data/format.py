@@ -89,12 +89,13 @@ def _jobs(data: DataDir, out_dir: Path, rate: int, ext: str) -> List[Job]:
 
 
 def is_formatted(src: Path, dst: Path, audio_format: str = "wav",
-                 durations: Optional[Tuple[float, float]] = None, sample_rate: int = 16000) -> bool:
+                 durations: Optional[Tuple[float, float]] = None, sample_rate: int = 16000,
+                 digest: Optional[str] = None) -> bool:
     """True when ``dst`` is complete and was formatted from the current ``src`` into ``audio_format`` at
-    ``sample_rate`` (limited to the same ``durations``)."""
+    ``sample_rate`` (limited to the same ``durations``). ``digest``: ``source_digest(src)``, if known."""
     record = read_marker(dst)
     return (record is not None and record.get("source") == str(src.absolute())
-            and record.get("digest") == source_digest(src) and record.get("audio_format", "wav") == audio_format
+            and record.get("digest") == (digest or source_digest(src)) and record.get("audio_format", "wav") == audio_format
             and record.get("sample_rate") == sample_rate
             and record.get("durations") == (None if durations is None else list(durations)))
 
@@ -109,9 +110,9 @@ def read_marker(dst: Path) -> Optional[Dict]:
         return yaml.safe_load(f) or {}
 
 
-def write_marker(dst: Path, src: Path, sample_rate: int, utterances: int, audio_format: str,
+def write_marker(dst: Path, src: Path, digest: str, sample_rate: int, utterances: int, audio_format: str,
                  durations: Optional[Tuple[float, float]]) -> None:
-    record = {"source": str(src.absolute()), "digest": source_digest(src), "sample_rate": sample_rate,
+    record = {"source": str(src.absolute()), "digest": digest, "sample_rate": sample_rate,
               "utterances": utterances}
     # recorded only when not the default: older dump dirs stay current
     if audio_format != "wav":
@@ -145,10 +146,11 @@ def format_data_dir(src: Union[str, Path], dst: Union[str, Path], nj: int = 1, s
     if durations is not None and not 0 <= durations[0] < durations[1]:
         raise ValueError(f"durations must be (min, max) seconds with 0 <= min < max, not {durations}")
     src, dst = Path(src), Path(dst)
-    if is_formatted(src, dst, audio_format, durations, sample_rate):
+    digest = source_digest(src)  # stats every source audio file: once
+    if is_formatted(src, dst, audio_format, durations, sample_rate, digest):
         logging.info("%s is complete: skipping", dst)
         return dst
-    if narrow(src, dst, audio_format, durations, sample_rate):
+    if narrow(src, dst, audio_format, durations, sample_rate, digest):
         return dst
     data = validate_data_dir(src, check_audio=check_audio, sample_rate=sample_rate, allow_resample=True)
     final = dst.absolute()
@@ -185,14 +187,14 @@ def format_data_dir(src: Union[str, Path], dst: Union[str, Path], nj: int = 1, s
         out.write(tmp)
         validate_data_dir(tmp, check_audio="header", sample_rate=sample_rate,
                           remap=(str(final), str(tmp.absolute())))
-        write_marker(tmp, src, sample_rate, len(out.utt2spk), audio_format, durations)
+        write_marker(tmp, src, digest, sample_rate, len(out.utt2spk), audio_format, durations)
     total = sum(utt2num_samples.values()) / sample_rate / 3600
     logging.info("%s: %d utterances, %.2f h of audio", dst, len(utt2num_samples), total)
     return dst
 
 
 def narrow(src: Path, dst: Path, audio_format: str, durations: Optional[Tuple[float, float]],
-           sample_rate: int) -> bool:
+           sample_rate: int, digest: str) -> bool:
     """Limit a complete DST made from the same source to a narrower duration range without reading any audio
     (the TED-LIUM 3 pool is ~51 GB): a new DST of hard links to the kept files. False when DST cannot be
     narrowed (another source or format, or a range that would need utterances DST does not hold)."""
@@ -202,7 +204,7 @@ def narrow(src: Path, dst: Path, audio_format: str, durations: Optional[Tuple[fl
     old = record.get("durations")
     if old is not None and not old[0] <= durations[0] < durations[1] <= old[1]:
         return False
-    if not is_formatted(src, dst, audio_format, None if old is None else tuple(old), sample_rate):
+    if not is_formatted(src, dst, audio_format, None if old is None else tuple(old), sample_rate, digest):
         return False
     data = read_data_dir(dst)
     keep = within(data.utt2num_samples, sample_rate, durations)
@@ -219,6 +221,6 @@ def narrow(src: Path, dst: Path, audio_format: str, durations: Optional[Tuple[fl
         data.subset(keep).write(tmp)
         validate_data_dir(tmp, check_audio="header", sample_rate=sample_rate,
                           remap=(str(dst.absolute()), str(tmp.absolute())))
-        write_marker(tmp, src, sample_rate, len(keep), audio_format, durations)
+        write_marker(tmp, src, digest, sample_rate, len(keep), audio_format, durations)
     logging.info("%s: limited to %g-%g s without reading its audio again: %d utterances", dst, *durations, len(keep))
     return True
