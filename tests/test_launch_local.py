@@ -98,6 +98,22 @@ def test_gpus_are_shared_out_exclusively(tmp_path):
     assert res.returncode == 2 and "only 2 GPU(s)" in res.stderr
 
 
+def test_jobs_per_gpu_shares_each_device_up_to_that_many_jobs(tmp_path):
+    # Two GPUs, two jobs per GPU: a job takes one of its device's two places (mkdir is atomic) or fails,
+    # then waits until four jobs run at once; with one job per GPU only two could, and every count stays 2.
+    claim = ("d=$CUDA_VISIBLE_DEVICES; if mkdir gpu.$d.a 2>/dev/null; then p=a; elif mkdir gpu.$d.b 2>/dev/null; "
+             "then p=b; else exit 9; fi; echo $d > dev.JOB; mkdir -p run; touch run/JOB; "
+             "for k in $(seq 50); do [ $(ls run | wc -l) -ge 4 ] && break; sleep 0.1; done; "
+             "ls run | wc -l > count.JOB; sleep 0.2; rm run/JOB; rmdir gpu.$d.$p")
+    res = launch("run", "--gpu", "1", "--jobs_per_gpu", "2", "JOB=1:8", "log/g.JOB.log", claim, cwd=tmp_path,
+                 env={"CUDA_VISIBLE_DEVICES": "5,7"})
+    assert res.returncode == 0, res.stderr
+    assert {(tmp_path / f"dev.{i}").read_text().strip() for i in range(1, 9)} == {"5", "7"}
+    assert max(int((tmp_path / f"count.{i}").read_text()) for i in range(1, 9)) == 4
+    res = launch("run", "--jobs_per_gpu", "0", "log/x.log", "true", cwd=tmp_path)
+    assert res.returncode == 2 and "--jobs_per_gpu" in res.stderr
+
+
 @pytest.mark.parametrize("none", ["", "NoDevFiles"])  # NoDevFiles: what Slurm/SGE set on a node without GPUs
 def test_gpu_option_passes_through_without_gpus(tmp_path, none):
     res = launch("run", "--gpu", "1", "--mem", "4G", "--time", "1:00:00", "--num_threads", "3", "log/c.log",

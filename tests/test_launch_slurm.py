@@ -31,6 +31,7 @@ TEMPLATE_CONF = REPO / "egs/TEMPLATE/conf/slurm.conf"
     ({"mem": "0"}, []),
     ({"gpu": 0}, []),
     ({"gpu": 2, "time": "1:00:00"}, ["--gres=gpu:2", "--time", "1:00:00"]),
+    ({"gpu": 1, "jobs_per_gpu": 4}, ["--gres=gpu:1"]),  # sharing a GPU is the local backend's; a task gets its own
     ({"num_threads": 1}, ["--cpus-per-task", "1"]),
     ({"num_threads": 4}, ["--cpus-per-task", "4"]),
 ])

@@ -12,6 +12,8 @@ SECONDS=0
 
 # General
 stage=1; stop_stage=8; nj=2; ngpu=0; seed=0
+jobs_per_gpu=1             # stages 7-8 with --ngpu: up to this many of the --nj jobs share each GPU at once (a
+                           # speaker's adapter or decode uses little of one; local backend, cmd.sh)
 model=whisper              # whisper | conformer
 corpus=                    # name in result files: librispeech_sa | tedlium3_sa
 corpus_layout=             # demo corpus layout: librispeech | tedlium3
@@ -53,7 +55,7 @@ adapt_args=                # ... for stage 7 only, after lora_args
 asr_args=                  # extra ESPnet trainer options for the Conformer base (stage 4)
 
 help_message="Usage: $0 [options]  (see the comments at the top of egs/TEMPLATE/pqm.sh)"
-options="stage stop_stage nj ngpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts datadir dumpdir
+options="stage stop_stage nj ngpu jobs_per_gpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts datadir dumpdir
          audio_format min_wav_duration max_wav_duration model_config whisper_checkpoint pretrained_model
          base_train_config nbpe quant baselines nutts inits pseudo_labels valid_fraction decode_config mixed_batch
          fold_adapters lora_args pretrain_args adapt_args asr_args tag"
@@ -178,7 +180,7 @@ if run 7; then
   if [[ " $inits " == *" semi "* ]]; then
     log "pseudo-labels: the fp model decodes the adaptation data"
     split_speakers "$nj" $work/pseudo_labels/split >/dev/null
-    ${cuda_cmd} --gpu "$ngpu" JOB=1:"$nj" $work/pseudo_labels/log/decode.JOB.log \
+    ${cuda_cmd} --gpu "$ngpu" --jobs_per_gpu "$jobs_per_gpu" JOB=1:"$nj" $work/pseudo_labels/log/decode.JOB.log \
       python -m pqm_ext.bin.decode --exp_dir $exp --out_dir $work/pseudo_labels --systems fp --data $dump/sa_adapt \
         --speakers @$work/pseudo_labels/split/spk.JOB --decode_config "$decode_config" --ngpu "$ngpu"
     cat $work/pseudo_labels/fp/hyp/*.txt | sort > $work/pseudo_labels/text
@@ -186,7 +188,7 @@ if run 7; then
   fi
   split_speakers "$nspk" $work/adapt/split >/dev/null
   # shellcheck disable=SC2086
-  ${cuda_cmd} --gpu "$ngpu" --max_jobs_run "$nj" JOB=1:"$nspk" $work/adapt/log/adapt.JOB.log \
+  ${cuda_cmd} --gpu "$ngpu" --jobs_per_gpu "$jobs_per_gpu" --max_jobs_run "$nj" JOB=1:"$nspk" $work/adapt/log/adapt.JOB.log \
     python -m pqm_ext.bin.adapt_speakers --exp_dir $exp --tag "$tag" --quant $quant --data $dump/sa_adapt \
       --splits $datadir/sa_splits --speakers @$work/adapt/split/spk.JOB --nutts $nutts --inits $inits $pseudo_opt \
       --ngpu "$ngpu" --seed "$seed" \
@@ -199,7 +201,7 @@ if run 8; then
   log "Stage 8: decoding ($decode_config) and scoring"
   split_speakers "$nj" $work/decode/split >/dev/null
   # shellcheck disable=SC2086
-  ${cuda_cmd} --gpu "$ngpu" JOB=1:"$nj" $work/decode/log/decode.JOB.log \
+  ${cuda_cmd} --gpu "$ngpu" --jobs_per_gpu "$jobs_per_gpu" JOB=1:"$nj" $work/decode/log/decode.JOB.log \
     python -m pqm_ext.bin.decode --exp_dir $exp --tag "$tag" --quant $quant --baselines $baselines \
       --data $dump/sa_test --speakers @$work/decode/split/spk.JOB --nutts $nutts --inits $inits \
       --decode_config "$decode_config" \

@@ -25,6 +25,7 @@ usage: PROG [options] JOB=1:N log/name.JOB.log command args...
 HELP = """\
 options (--foo-bar is accepted for --foo_bar, --opt=value for --opt value):
   --mem 4G  --gpu N  --num_threads K  --max_jobs_run P  --time T  --config conf/slurm.conf
+  --jobs_per_gpu J  (local: up to J jobs share each GPU at once; a Slurm task always gets its own)
   (slurm.sh also takes any --NAME VALUE its config has an 'option NAME=...' rule for)
 JOB (any NAME=a:b works) is replaced where it is a whole word in the log path and the command
 ($JOB and ${JOB} are left to the shell) and exported as an environment variable.
@@ -49,6 +50,7 @@ def _int(minimum: int) -> Callable[[str], int]:
 # Generic options every backend accepts; each backend decides what they mean (see its docstring).
 OPTIONS: Dict[str, Callable[[str], object]] = {
     "mem": str, "gpu": _int(0), "num_threads": _int(1), "max_jobs_run": _int(1), "time": str, "config": str,
+    "jobs_per_gpu": _int(1),
 }
 
 # Processes started by run_job, so that a signal handler can stop them (and any started after it ran).

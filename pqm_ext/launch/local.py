@@ -2,7 +2,8 @@
 
 --gpu N gives every running job N devices of its own through CUDA_VISIBLE_DEVICES, taken from the
 visible GPUs (CUDA_VISIBLE_DEVICES if set, else /dev/nvidiaK); this also caps how many jobs run at
-once. With no GPU visible, --gpu is ignored and the environment passes through unchanged, so a recipe
+once. --jobs_per_gpu J lets J jobs share each group of N devices (a speaker's adapter training or
+decoding uses a small part of one GPU, and one job at a time would leave it mostly idle). With no GPU visible, --gpu is ignored and the environment passes through unchanged, so a recipe
 written for GPUs still runs on a CPU-only machine. --num_threads K exports OMP_NUM_THREADS=K;
 --mem, --time and --config are accepted (so cmd.sh can switch backends) and ignored.
 """
@@ -31,10 +32,12 @@ def run(req: Request, prog: str) -> Dict[int, Optional[int]]:
     slots = min(req.options.get("max_jobs_run", len(req.ids)), len(req.ids))
     per_job = req.options.get("gpu", 0)
     gpus = visible_gpus() if per_job else []
+    groups = 1  # sets of per_job devices; job slot s runs on group s % groups
     if gpus:
         if per_job > len(gpus):
             raise UsageError(f"--gpu {per_job} but only {len(gpus)} GPU(s) visible ({','.join(gpus)})")
-        slots = min(slots, len(gpus) // per_job)
+        groups = len(gpus) // per_job
+        slots = min(slots, groups * req.options.get("jobs_per_gpu", 1))
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for i in req.ids:
         todo.put(i)
@@ -42,7 +45,8 @@ def run(req: Request, prog: str) -> Dict[int, Optional[int]]:
     stop = threading.Event()
 
     def worker(slot: int) -> None:
-        devices = gpus[slot * per_job:(slot + 1) * per_job]
+        group = slot % groups
+        devices = gpus[group * per_job:(group + 1) * per_job]
         while not stop.is_set():
             try:
                 i = todo.get_nowait()

@@ -18,7 +18,8 @@ when it exists, else DEFAULT_CONFIG. Line types:
     option mem=0                     --mem 0 adds nothing (an exact value wins over *)
     default gpu=0                    the value used when the option is not given
 Options: mem, gpu, num_threads, time, and any other --NAME VALUE the config has an ``option NAME=...`` rule
-for (ESPnet's and Kaldi's configs use e.g. name, num_nodes); --max_jobs_run P becomes the array's %P.
+for (ESPnet's and Kaldi's configs use e.g. name, num_nodes); --max_jobs_run P becomes the array's %P;
+--jobs_per_gpu is ignored (Slurm gives each task the GPUs of its own --gres).
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def scheduler_flags(cfg: Config, options: dict) -> List[str]:
     """The sbatch flags for the options (generic ones and those only the config knows), by the config's rules
     (an exact value before ``*``)."""
     flags: List[str] = []
-    others = sorted((set(options) | set(cfg.defaults)) - set(MAPPED) - {"max_jobs_run", "config"})
+    others = sorted((set(options) | set(cfg.defaults)) - set(MAPPED) - {"max_jobs_run", "config", "jobs_per_gpu"})
     for name in [*MAPPED, *others]:
         value = options.get(name, cfg.defaults.get(name))
         if value is None:

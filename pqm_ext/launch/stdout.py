@@ -1,6 +1,7 @@
 """Debugging backend: run the jobs one after another, showing their output on stdout as well as in the logs.
 
-Options are treated as by the local backend, except that jobs never overlap (--max_jobs_run is moot).
+Options are treated as by the local backend, except that jobs never overlap (--max_jobs_run and
+--jobs_per_gpu are moot).
 """
 from __future__ import annotations
 
