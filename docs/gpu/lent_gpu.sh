@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The paper-sized Conformer (conf/conformer/model_ls100.yaml) through the whole LibriSpeech-SA recipe on a
+# lent GPU machine (docs/GPU.md says what that machine is and why the run is cut this way). From the
+# repository root there, with the corpus packed by docs/gpu/opus_corpus.py in .gpu/corpus and the Python
+# dependencies the machine lacks as wheels in .whl/:
+#   bash docs/gpu/lent_gpu.sh part1 SECONDS   set up; stages 1-3; stage 4 for about SECONDS; stages 5-6
+#   bash docs/gpu/lent_gpu.sh part2           stages 7-8 (the same machine, still warm), RESULTS.md
+# Results and logs are copied to $OUT. PQM_GPU_SETUP=0 skips the set-up (a machine with tools/venv).
+set -euo pipefail
+part=$1; budget=${2:-240}
+root=$PWD; out=${OUT:-$root/gpu_out}; mkdir -p "$out"
+recipe=$root/egs/librispeech_sa
+log() { echo "$(date '+%H:%M:%S') [lent_gpu $SECONDS s] $*" | tee -a "$out/$part.log" >&2; }
+opts=(--model conformer --corpus_dir "$recipe/downloads/gpu_corpus" --datadir data_gpu --dumpdir dump_gpu
+      --model_config "${PQM_GPU_MODEL:-conf/conformer/model_ls100.yaml}"
+      --base_train_config "${PQM_GPU_TRAIN:-conf/conformer/train_gpu_demo.yaml}" --nbpe "${PQM_GPU_NBPE:-300}"
+      --ngpu "${PQM_GPU_NGPU:-1}" --nj 12 --jobs_per_gpu 12 --pretrain_args "--batch_size 16")
+# ESPnet's phoneme tokenizer imports g2p_en, which asks nltk to download two corpora when it cannot find them;
+# that machine reaches no network. Empty archives under NLTK_DATA satisfy the look-up (neither is used).
+export NLTK_DATA=$root/.gpu/nltk_data
+for f in taggers/averaged_perceptron_tagger_eng.zip corpora/cmudict.zip; do
+  [ -f "$NLTK_DATA/$f" ] || python3 -c 'import sys, os, zipfile; os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True); zipfile.ZipFile(sys.argv[1], "w").close()' "$NLTK_DATA/$f"
+done
+[ -z "${PQM_GPU_DATA_OPTS:-}" ] || opts+=(--data_opts "$PQM_GPU_DATA_OPTS" --nj 1 --jobs_per_gpu 1)
+[ -z "${PQM_GPU_NUTTS:-}" ] || opts+=(--nutts "$PQM_GPU_NUTTS")
+
+setup() {
+  [ "${PQM_GPU_SETUP:-1}" = 1 ] || return 0
+  log "set-up: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
+  local base site
+  base=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  python3 -m venv --without-pip tools/venv   # path.sh wants tools/venv; torch etc. come from the image
+  site=$(tools/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$base" > "$site/zz_image_packages.pth"
+  echo "$root" > "$site/pqm_ext_checkout.pth"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+  tools/venv/bin/python -c 'import pqm_ext.tasks.pqm_asr, espnet2.tasks.asr, espnet2.bin.asr_inference, bitsandbytes, jiwer, kaldiio, librosa, torch; print("imports ok, torch", torch.__version__, torch.cuda.get_device_name(0))' 2>&1 | tail -1 | tee -a "$out/$part.log"
+  tools/venv/bin/python docs/gpu/opus_corpus.py unpack .gpu/corpus "$recipe/downloads/gpu_corpus" --nj 16
+}
+
+# the number of the last epoch ESPnet finished / started, from its log (0: none)
+last_epoch() { { grep -oE "[0-9]+(/[0-9]+)?epoch $1" "$recipe/exp/conformer/base_train/train.log" 2>/dev/null || echo 0; } | tail -1 | grep -o "^[0-9]*"; }
+
+# Stage 4 until about $budget seconds, stopped as the next epoch starts (the last one's checkpoint and
+# model files are complete by then); ESPnet then resumes with --max_epoch = the epochs done, which only
+# averages the best checkpoints, as at the end of any training.
+stage4() {
+  cd "$recipe"
+  [ ! -f exp/conformer/base/model.safetensors ] || { log "stage 4 done before"; return 0; }
+  local t0=$SECONDS pid seen=0
+  timeout -s TERM $((budget + 300)) ./run.sh "${opts[@]}" --stage 4 --stop_stage 4 >> "$out/$part.log" 2>&1 &
+  pid=$!
+  while kill -0 $pid 2>/dev/null; do
+    sleep 2
+    if [ $((SECONDS - t0)) -ge "$budget" ]; then
+      [ "$seen" -gt 0 ] || seen=$(( $(last_epoch started) > 1 ? $(last_epoch started) : 1 ))
+      if [ "$(last_epoch started)" -gt "$seen" ]; then
+        log "time is up: stopping stage 4 as epoch $(last_epoch started) starts"; kill -TERM $pid || true; break
+      fi
+    fi
+  done
+  wait $pid || true
+  cp exp/conformer/base_train/train.log "$out/stage4_train.log"
+  if [ ! -f exp/conformer/base/model.safetensors ]; then
+    local k; k=$(last_epoch results)
+    [ "$k" -gt 0 ] || { log "stage 4 finished no epoch"; exit 1; }
+    log "stage 4: finishing at $k epochs"
+    ./run.sh "${opts[@]}" --stage 4 --stop_stage 4 --asr_args "--max_epoch $k" >> "$out/$part.log" 2>&1
+  fi
+  log "stage 4 took $((SECONDS - t0)) s"
+  cd "$root"
+}
+
+collect() {
+  cd "$recipe"
+  for f in exp/conformer/RESULTS.md exp/conformer/results.json exp/conformer/wer_vs_n.png; do
+    [ ! -f "$f" ] || cp "$f" "$out/"
+  done
+  tar czf "$out/logs_$part.tgz" --ignore-failed-read $(ls -d exp/conformer/*/train.log exp/conformer/*/*.log \
+    exp/conformer/base*/config.yaml exp/conformer/*/size_report.* exp/conformer/*/log exp/conformer/*/*/log \
+    exp/conformer/decode/*/log data_gpu/sa_splits/prepare.yaml 2>/dev/null | sort -u) 2>/dev/null || true
+  cd "$root"
+}
+
+trap collect EXIT
+case $part in
+  part1)
+    setup
+    log "stages 1-3"; (cd "$recipe" && ./run.sh "${opts[@]}" --stop_stage 3 >> "$out/$part.log" 2>&1)
+    stage4
+    log "stages 5-6"; (cd "$recipe" && ./run.sh "${opts[@]}" --stage 5 --stop_stage 6 >> "$out/$part.log" 2>&1)
+    ;;
+  part2)
+    log "stages 7-8"; (cd "$recipe" && ./run.sh "${opts[@]}" --stage 7 --stop_stage 8 >> "$out/$part.log" 2>&1)
+    ;;
+  *) echo "usage: $0 part1 SECONDS | part2" >&2; exit 2 ;;
+esac
+log "$part done"
