@@ -3,39 +3,54 @@
 # lent GPU machine (docs/GPU.md says what that machine is and why the run is cut this way). From the
 # repository root there, with the corpus packed by docs/gpu/opus_corpus.py in .gpu/corpus and the Python
 # dependencies the machine lacks as wheels in .whl/:
-#   bash docs/gpu/lent_gpu.sh part1 SECONDS   set up; stages 1-3; stage 4 for about SECONDS; stages 5-6
-#   bash docs/gpu/lent_gpu.sh part2           stages 7-8 (the same machine, still warm), RESULTS.md
-# Results and logs are copied to $OUT. PQM_GPU_SETUP=0 skips the set-up (a machine with tools/venv).
+#   bash docs/gpu/lent_gpu.sh part1 LIMIT SECONDS   set up; stages 1-3; stage 4 for about SECONDS; stages 5-6
+#   bash docs/gpu/lent_gpu.sh part2 LIMIT           stages 5-8 (the same machine, still warm; 5-6 are skipped
+#                                                   when part1 finished them), RESULTS.md
+# Each part stops its stages in time to copy results and logs to $OUT within LIMIT seconds.
+# PQM_GPU_SETUP=0 skips the set-up (a machine with tools/venv).
 set -euo pipefail
-part=$1; budget=${2:-240}
+part=$1; limit=${2:-560}; budget=${3:-240}
 root=$PWD; out=${OUT:-$root/gpu_out}; mkdir -p "$out"
 recipe=$root/egs/librispeech_sa
 log() { echo "$(date '+%H:%M:%S') [lent_gpu $SECONDS s] $*" | tee -a "$out/$part.log" >&2; }
 opts=(--model conformer --corpus_dir "$recipe/downloads/gpu_corpus" --datadir data_gpu --dumpdir dump_gpu
       --model_config "${PQM_GPU_MODEL:-conf/conformer/model_ls100.yaml}"
       --base_train_config "${PQM_GPU_TRAIN:-conf/conformer/train_gpu_demo.yaml}" --nbpe "${PQM_GPU_NBPE:-300}"
-      --ngpu "${PQM_GPU_NGPU:-1}" --nj 12 --jobs_per_gpu 12 --pretrain_args "--batch_size 16")
+      --ngpu "${PQM_GPU_NGPU:-1}" --nj 12 --jobs_per_gpu 12 --pretrain_args "--batch_size 32")
 # ESPnet's phoneme tokenizer imports g2p_en, which asks nltk to download two corpora when it cannot find them;
 # that machine reaches no network. Empty archives under NLTK_DATA satisfy the look-up (neither is used).
-export NLTK_DATA=$root/.gpu/nltk_data
+export NLTK_DATA=$root/tools/venv/nltk_data
 for f in taggers/averaged_perceptron_tagger_eng.zip corpora/cmudict.zip; do
   [ -f "$NLTK_DATA/$f" ] || python3 -c 'import sys, os, zipfile; os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True); zipfile.ZipFile(sys.argv[1], "w").close()' "$NLTK_DATA/$f"
 done
 [ -z "${PQM_GPU_DATA_OPTS:-}" ] || opts+=(--data_opts "$PQM_GPU_DATA_OPTS" --nj 1 --jobs_per_gpu 1)
 [ -z "${PQM_GPU_NUTTS:-}" ] || opts+=(--nutts "$PQM_GPU_NUTTS")
 
+# tools/venv as path.sh expects it, over the image's own Python (torch, peft, sentencepiece, ...): a wrapper for
+# python and an activate script that puts the carried wheels (installed into tools/venv/site) and this
+# checkout first on PYTHONPATH. tools/venv is ignored by git, so it stays for part2 while the machine is warm.
 setup() {
   [ "${PQM_GPU_SETUP:-1}" = 1 ] || return 0
   log "set-up: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
-  local base site
-  base=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  python3 -m venv --without-pip tools/venv   # path.sh wants tools/venv; torch etc. come from the image
-  site=$(tools/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  echo "$base" > "$site/zz_image_packages.pth"
-  echo "$root" > "$site/pqm_ext_checkout.pth"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
-  tools/venv/bin/python -c 'import pqm_ext.tasks.pqm_asr, espnet2.tasks.asr, espnet2.bin.asr_inference, bitsandbytes, jiwer, kaldiio, librosa, torch; print("imports ok, torch", torch.__version__, torch.cuda.get_device_name(0))' 2>&1 | tail -1 | tee -a "$out/$part.log"
-  tools/venv/bin/python docs/gpu/opus_corpus.py unpack .gpu/corpus "$recipe/downloads/gpu_corpus" --nj 16
+  local venv=$root/tools/venv
+  mkdir -p "$venv/bin" "$venv/site"
+  printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > "$venv/bin/python"
+  chmod +x "$venv/bin/python"; ln -sf python "$venv/bin/python3"
+  printf 'export PATH="%s/bin:$PATH"\nexport PYTHONPATH="%s/site:%s${PYTHONPATH:+:$PYTHONPATH}"\n' \
+    "$venv" "$venv" "$root" > "$venv/bin/activate"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$venv/site" .whl/*.whl
+  # shellcheck disable=SC1091
+  (. "$venv/bin/activate" && python -c 'import pqm_ext.tasks.pqm_asr, espnet2.tasks.asr, espnet2.bin.asr_inference, bitsandbytes, jiwer, kaldiio, librosa, torch; print("imports ok: torch", torch.__version__, torch.cuda.get_device_name(0))') 2>&1 | tail -1 | tee -a "$out/$part.log"
+  "$venv/bin/python" docs/gpu/opus_corpus.py unpack .gpu/corpus "$recipe/downloads/gpu_corpus" --nj 16
+}
+
+# run.sh "${opts[@]}" "$@", stopped (SIGTERM: the launcher stops its jobs) when the part's LIMIT comes near
+stages() {
+  local left=$((limit - SECONDS - 20)) rc=0
+  [ "$left" -gt 10 ] || { log "no time left for stages $*"; return 1; }
+  (cd "$recipe" && timeout -s TERM "$left" ./run.sh "${opts[@]}" "$@" >> "$out/$part.log" 2>&1) || rc=$?
+  [ "$rc" = 0 ] || log "run.sh $* ended with status $rc (124: out of time)"
+  return "$rc"
 }
 
 # the number of the last epoch ESPnet finished / started, from its log (0: none)
@@ -48,7 +63,7 @@ stage4() {
   cd "$recipe"
   [ ! -f exp/conformer/base/model.safetensors ] || { log "stage 4 done before"; return 0; }
   local t0=$SECONDS pid seen=0
-  timeout -s TERM $((budget + 300)) ./run.sh "${opts[@]}" --stage 4 --stop_stage 4 >> "$out/$part.log" 2>&1 &
+  timeout -s TERM $((limit - SECONDS - 90)) ./run.sh "${opts[@]}" --stage 4 --stop_stage 4 >> "$out/$part.log" 2>&1 &
   pid=$!
   while kill -0 $pid 2>/dev/null; do
     sleep 2
@@ -65,7 +80,7 @@ stage4() {
     local k; k=$(last_epoch results)
     [ "$k" -gt 0 ] || { log "stage 4 finished no epoch"; exit 1; }
     log "stage 4: finishing at $k epochs"
-    ./run.sh "${opts[@]}" --stage 4 --stop_stage 4 --asr_args "--max_epoch $k" >> "$out/$part.log" 2>&1
+    stages --stage 4 --stop_stage 4 --asr_args "--max_epoch $k"
   fi
   log "stage 4 took $((SECONDS - t0)) s"
   cd "$root"
@@ -86,13 +101,13 @@ trap collect EXIT
 case $part in
   part1)
     setup
-    log "stages 1-3"; (cd "$recipe" && ./run.sh "${opts[@]}" --stop_stage 3 >> "$out/$part.log" 2>&1)
+    log "stages 1-3"; stages --stop_stage 3
     stage4
-    log "stages 5-6"; (cd "$recipe" && ./run.sh "${opts[@]}" --stage 5 --stop_stage 6 >> "$out/$part.log" 2>&1)
+    log "stages 5-6"; stages --stage 5 --stop_stage 6
     ;;
   part2)
-    log "stages 7-8"; (cd "$recipe" && ./run.sh "${opts[@]}" --stage 7 --stop_stage 8 >> "$out/$part.log" 2>&1)
+    log "stages 5-8"; stages --stage 5 --stop_stage 8
     ;;
-  *) echo "usage: $0 part1 SECONDS | part2" >&2; exit 2 ;;
+  *) echo "usage: $0 part1 LIMIT SECONDS | part2 LIMIT" >&2; exit 2 ;;
 esac
 log "$part done"
