@@ -41,7 +41,7 @@ setup() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$venv/site" .whl/*.whl
   # shellcheck disable=SC1091
   (. "$venv/bin/activate" && python -c 'import pqm_ext.tasks.pqm_asr, espnet2.tasks.asr, espnet2.bin.asr_inference, bitsandbytes, jiwer, kaldiio, librosa, torch; print("imports ok: torch", torch.__version__, torch.cuda.get_device_name(0))') 2>&1 | tail -1 | tee -a "$out/$part.log"
-  "$venv/bin/python" docs/gpu/opus_corpus.py unpack .gpu/corpus "$recipe/downloads/gpu_corpus" --nj 16
+  (. "$venv/bin/activate" && python docs/gpu/opus_corpus.py unpack .gpu/corpus "$recipe/downloads/gpu_corpus" --nj 16)
 }
 
 # run.sh "${opts[@]}" "$@", stopped (SIGTERM: the launcher stops its jobs) when the part's LIMIT comes near
