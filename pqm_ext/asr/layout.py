@@ -88,6 +88,10 @@ class ExpLayout:
     def adapt(self, init: str, n: int, spk: str) -> Path:
         return self.work / "adapt" / init / f"n{n}" / spk
 
+    def adapters(self, init: str) -> List[Path]:
+        """Every adapter stage 7 has written for ``init``, whatever its N and speaker (sorted)."""
+        return sorted((self.work / "adapt" / init).glob("n*/*/adapter"))
+
     def decode(self, system: str) -> Path:
         return self.work / "decode" / system
 

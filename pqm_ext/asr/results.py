@@ -109,7 +109,7 @@ def pqm_started_from(layout: ExpLayout) -> List[str]:
                                                          layout.work / "lora_pretrain" / "adapter")
              if (d / WEIGHTS).is_file()}
     used = {adapter_info(a).get("made_from", {}).get("init_adapter")
-            for init in ("pretrained", "semi") for a in (layout.work / "adapt" / init).glob("n*/*/adapter")}
+            for init in ("pretrained", "semi") for a in layout.adapters(init)}
     return sorted(known.get(d, "an adapter no longer on disk") for d in used if d)
 
 
@@ -153,7 +153,7 @@ def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str,
     results["bytes"] = sizes
     params = {}
     for init, group in INIT_SYSTEM.items():
-        found = sorted((layout.work / "adapt" / init).glob("n*/*/adapter"))
+        found = layout.adapters(init)
         if found:
             params[group] = adapter_params(found[0])
     if (layout.pretrain / "adapter").is_dir():
