@@ -9,7 +9,7 @@
 # Each part stops its stages in time to copy results and logs to $OUT within LIMIT seconds.
 # PQM_GPU_SETUP=0 skips the set-up (a machine with tools/venv).
 set -euo pipefail
-part=$1; limit=${2:-560}; budget=${3:-240}
+part=${1:-}; limit=${2:-560}; budget=${3:-240}
 root=$PWD; out=${OUT:-$root/gpu_out}; mkdir -p "$out"
 recipe=$root/egs/librispeech_sa
 log() { echo "$(date '+%H:%M:%S') [lent_gpu $SECONDS s] $*" | tee -a "$out/$part.log" >&2; }
@@ -44,11 +44,25 @@ setup() {
   (. "$venv/bin/activate" && python docs/gpu/opus_corpus.py unpack .gpu/corpus "$recipe/downloads/gpu_corpus" --nj 16)
 }
 
+# timeout(1) puts itself and run.sh in a process group of their own (its pid) and returns once run.sh is gone,
+# while the launcher in that group may still be stopping its jobs and writing their logs: wait for the group
+# to empty before reading the logs or starting the stage again.
+settle() {
+  local i
+  for i in $(seq 60); do pgrep -g "$1" >/dev/null || return 0; sleep 1; done
+  log "process group $1 still running after 60 s"
+}
+
 # run.sh "${opts[@]}" "$@", stopped (SIGTERM: the launcher stops its jobs) when the part's LIMIT comes near
 stages() {
   local left=$((limit - SECONDS - 20)) rc=0
   [ "$left" -gt 10 ] || { log "no time left for stages $*"; return 1; }
-  (cd "$recipe" && timeout -s TERM "$left" ./run.sh "${opts[@]}" "$@" >> "$out/$part.log" 2>&1) || rc=$?
+  cd "$recipe"
+  timeout -s TERM "$left" ./run.sh "${opts[@]}" "$@" >> "$out/$part.log" 2>&1 &
+  local pid=$!
+  wait $pid || rc=$?
+  settle $pid
+  cd "$root"
   [ "$rc" = 0 ] || log "run.sh $* ended with status $rc (124: out of time)"
   return "$rc"
 }
@@ -62,8 +76,9 @@ last_epoch() { { grep -oE "[0-9]+(/[0-9]+)?epoch $1" "$recipe/exp/conformer/base
 stage4() {
   cd "$recipe"
   [ ! -f exp/conformer/base/model.safetensors ] || { log "stage 4 done before"; return 0; }
-  local t0=$SECONDS pid seen=0
-  timeout -s TERM $((limit - SECONDS - 90)) ./run.sh "${opts[@]}" --stage 4 --stop_stage 4 >> "$out/$part.log" 2>&1 &
+  local t0=$SECONDS pid seen=0 hard=$((limit - SECONDS - 90))
+  [ "$hard" -gt "$budget" ] || { log "LIMIT $limit leaves no room for $budget s of stage 4"; exit 1; }
+  timeout -s TERM "$hard" ./run.sh "${opts[@]}" --stage 4 --stop_stage 4 >> "$out/$part.log" 2>&1 &
   pid=$!
   while kill -0 $pid 2>/dev/null; do
     sleep 2
@@ -75,6 +90,7 @@ stage4() {
     fi
   done
   wait $pid || true
+  settle $pid
   cp exp/conformer/base_train/train.log "$out/stage4_train.log"
   if [ ! -f exp/conformer/base/model.safetensors ]; then
     local k; k=$(last_epoch results)
@@ -106,6 +122,7 @@ case $part in
     log "stages 5-6"; stages --stage 5 --stop_stage 6
     ;;
   part2)
+    [ -x tools/venv/bin/python ] || { log "no tools/venv: part2 runs on the machine part1 set up"; exit 1; }
     log "stages 5-8"; stages --stage 5 --stop_stage 8
     ;;
   *) echo "usage: $0 part1 LIMIT SECONDS | part2 LIMIT" >&2; exit 2 ;;

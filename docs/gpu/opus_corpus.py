@@ -1,10 +1,10 @@
 """Carry a synthesised corpus to a lent GPU machine as Ogg/Opus, and turn it back into FLAC there.
 
 A lent machine takes at most 64 MiB with each call and has no TTS engines, so the corpus is made here
-and shrunk ~20x: Opus at ~13 kbit/s (libsndfile's compression level 0.98) keeps speech intelligible to
-ASR. Every other file (transcripts, SPEAKERS.TXT, speakers.yaml) is copied as it is, so the unpacked tree
-has the corpus's own layout and the recipe's data preparation reads it unchanged. Both systems in the
-GPU table hear the same Opus-coded audio.
+and shrunk ~12x (406 MB of FLAC to 35 MB): Opus at ~13 kbit/s (libsndfile's compression level 0.98) keeps
+speech intelligible to ASR. Every other file (transcripts, SPEAKERS.TXT, speakers.yaml) is copied as it is,
+so the unpacked tree has the corpus's own layout and the recipe's data preparation reads it unchanged.
+Every system decoded there hears the same Opus-coded audio.
 
     python docs/gpu/opus_corpus.py pack   SRC_CORPUS  PACKED_DIR
     python docs/gpu/opus_corpus.py unpack PACKED_DIR  CORPUS_DIR

@@ -13,7 +13,7 @@ SECONDS=0
 # General
 stage=1; stop_stage=8; nj=2; ngpu=0; seed=0
 jobs_per_gpu=1             # stages 7-8 with --ngpu: up to this many of the --nj jobs share each GPU at once (a
-                           # speaker's adapter or decode uses little of one; local backend, cmd.sh)
+                           # speaker's adapter or decode uses little of one; the local backend of cmd.sh)
 model=whisper              # whisper | conformer
 corpus=                    # name in result files: librispeech_sa | tedlium3_sa
 corpus_layout=             # demo corpus layout: librispeech | tedlium3
@@ -66,6 +66,8 @@ options="stage stop_stage nj ngpu jobs_per_gpu seed model corpus corpus_layout c
 
 case $model in whisper|conformer) ;; *) log "--model must be whisper or conformer, not '$model'"; exit 1 ;; esac
 if [ "$stage" -gt "$stop_stage" ]; then log "--stage $stage is after --stop_stage $stop_stage"; exit 1; fi
+[[ "$jobs_per_gpu" =~ ^[1-9][0-9]*$ ]] || { log "--jobs_per_gpu must be a positive integer, not '$jobs_per_gpu'"; exit 1; }
+gpu_share=(); [ "$jobs_per_gpu" = 1 ] || gpu_share=(--jobs_per_gpu "$jobs_per_gpu")  # only launchers that share know it
 if [ -n "$tag" ]; then  # before any stage writes: pqm_ext.asr.layout is the one place that knows the names
   problem=$(python -c 'import sys; from pqm_ext.asr.layout import tag_problem; print(tag_problem(sys.argv[1], sys.argv[2:]) or "")' \
     "$tag" $(cd conf && ls quant_*.yaml | sed 's/^quant_//; s/.yaml$//'))
@@ -180,7 +182,7 @@ if run 7; then
   if [[ " $inits " == *" semi "* ]]; then
     log "pseudo-labels: the fp model decodes the adaptation data"
     split_speakers "$nj" $work/pseudo_labels/split >/dev/null
-    ${cuda_cmd} --gpu "$ngpu" --jobs_per_gpu "$jobs_per_gpu" JOB=1:"$nj" $work/pseudo_labels/log/decode.JOB.log \
+    ${cuda_cmd} --gpu "$ngpu" "${gpu_share[@]}" JOB=1:"$nj" $work/pseudo_labels/log/decode.JOB.log \
       python -m pqm_ext.bin.decode --exp_dir $exp --out_dir $work/pseudo_labels --systems fp --data $dump/sa_adapt \
         --speakers @$work/pseudo_labels/split/spk.JOB --decode_config "$decode_config" --ngpu "$ngpu"
     cat $work/pseudo_labels/fp/hyp/*.txt | sort > $work/pseudo_labels/text
@@ -188,7 +190,7 @@ if run 7; then
   fi
   split_speakers "$nspk" $work/adapt/split >/dev/null
   # shellcheck disable=SC2086
-  ${cuda_cmd} --gpu "$ngpu" --jobs_per_gpu "$jobs_per_gpu" --max_jobs_run "$nj" JOB=1:"$nspk" $work/adapt/log/adapt.JOB.log \
+  ${cuda_cmd} --gpu "$ngpu" "${gpu_share[@]}" --max_jobs_run "$nj" JOB=1:"$nspk" $work/adapt/log/adapt.JOB.log \
     python -m pqm_ext.bin.adapt_speakers --exp_dir $exp --tag "$tag" --quant $quant --data $dump/sa_adapt \
       --splits $datadir/sa_splits --speakers @$work/adapt/split/spk.JOB --nutts $nutts --inits $inits $pseudo_opt \
       --ngpu "$ngpu" --seed "$seed" \
@@ -201,7 +203,7 @@ if run 8; then
   log "Stage 8: decoding ($decode_config) and scoring"
   split_speakers "$nj" $work/decode/split >/dev/null
   # shellcheck disable=SC2086
-  ${cuda_cmd} --gpu "$ngpu" --jobs_per_gpu "$jobs_per_gpu" JOB=1:"$nj" $work/decode/log/decode.JOB.log \
+  ${cuda_cmd} --gpu "$ngpu" "${gpu_share[@]}" JOB=1:"$nj" $work/decode/log/decode.JOB.log \
     python -m pqm_ext.bin.decode --exp_dir $exp --tag "$tag" --quant $quant --baselines $baselines \
       --data $dump/sa_test --speakers @$work/decode/split/spk.JOB --nutts $nutts --inits $inits \
       --decode_config "$decode_config" \

@@ -25,7 +25,7 @@ usage: PROG [options] JOB=1:N log/name.JOB.log command args...
 HELP = """\
 options (--foo-bar is accepted for --foo_bar, --opt=value for --opt value):
   --mem 4G  --gpu N  --num_threads K  --max_jobs_run P  --time T  --config conf/slurm.conf
-  --jobs_per_gpu J  (local: up to J jobs share each GPU at once; a Slurm task always gets its own)
+  --jobs_per_gpu J  (local: up to J jobs share each set of --gpu N devices; Slurm ignores it)
   (slurm.sh also takes any --NAME VALUE its config has an 'option NAME=...' rule for)
 JOB (any NAME=a:b works) is replaced where it is a whole word in the log path and the command
 ($JOB and ${JOB} are left to the shell) and exported as an environment variable.

@@ -3,7 +3,8 @@
 --gpu N gives every running job N devices of its own through CUDA_VISIBLE_DEVICES, taken from the
 visible GPUs (CUDA_VISIBLE_DEVICES if set, else /dev/nvidiaK); this also caps how many jobs run at
 once. --jobs_per_gpu J lets J jobs share each group of N devices (a speaker's adapter training or
-decoding uses a small part of one GPU, and one job at a time would leave it mostly idle). With no GPU visible, --gpu is ignored and the environment passes through unchanged, so a recipe
+decoding uses a small part of one GPU, and one job at a time would leave it mostly idle). With no GPU
+visible, --gpu and --jobs_per_gpu are ignored and the environment passes through unchanged, so a recipe
 written for GPUs still runs on a CPU-only machine. --num_threads K exports OMP_NUM_THREADS=K;
 --mem, --time and --config are accepted (so cmd.sh can switch backends) and ignored.
 """
