@@ -53,16 +53,27 @@ settle() {
   log "process group $1 still running after 60 s"
 }
 
-# run.sh "${opts[@]}" "$@", stopped (SIGTERM: the launcher stops its jobs) when the part's LIMIT comes near
+# Start run.sh "${opts[@]}" ARGS in the background under timeout(1) (SIGTERM after SECONDS: the launcher stops
+# its jobs), from the recipe: start SECONDS ARGS...; its pid is $!
+start() {
+  local seconds=$1; shift
+  (cd "$recipe" && exec timeout -s TERM "$seconds" ./run.sh "${opts[@]}" "$@" >> "$out/$part.log" 2>&1) &
+}
+
+# Wait for a started run.sh and the launcher it leaves stopping its jobs; the status is run.sh's (124: timeout).
+reap() {
+  local rc=0
+  wait "$1" || rc=$?
+  settle "$1"
+  return "$rc"
+}
+
+# run.sh "${opts[@]}" "$@", stopped when the part's LIMIT comes near
 stages() {
   local left=$((limit - SECONDS - 20)) rc=0
   [ "$left" -gt 10 ] || { log "no time left for stages $*"; return 1; }
-  cd "$recipe"
-  timeout -s TERM "$left" ./run.sh "${opts[@]}" "$@" >> "$out/$part.log" 2>&1 &
-  local pid=$!
-  wait $pid || rc=$?
-  settle $pid
-  cd "$root"
+  start "$left" "$@"
+  reap $! || rc=$?
   [ "$rc" = 0 ] || log "run.sh $* ended with status $rc (124: out of time)"
   return "$rc"
 }
@@ -78,7 +89,7 @@ stage4() {
   [ ! -f exp/conformer/base/model.safetensors ] || { log "stage 4 done before"; return 0; }
   local t0=$SECONDS pid seen=0 hard=$((limit - SECONDS - 90))
   [ "$hard" -gt "$budget" ] || { log "LIMIT $limit leaves no room for $budget s of stage 4"; exit 1; }
-  timeout -s TERM "$hard" ./run.sh "${opts[@]}" --stage 4 --stop_stage 4 >> "$out/$part.log" 2>&1 &
+  start "$hard" --stage 4 --stop_stage 4
   pid=$!
   while kill -0 $pid 2>/dev/null; do
     sleep 2
@@ -89,8 +100,7 @@ stage4() {
       fi
     fi
   done
-  wait $pid || true
-  settle $pid
+  reap $pid || true
   cp exp/conformer/base_train/train.log "$out/stage4_train.log"
   if [ ! -f exp/conformer/base/model.safetensors ]; then
     local k; k=$(last_epoch results)
@@ -107,9 +117,9 @@ collect() {
   for f in exp/conformer/RESULTS.md exp/conformer/results.json exp/conformer/wer_vs_n.png; do
     [ ! -f "$f" ] || cp "$f" "$out/"
   done
-  tar czf "$out/logs_$part.tgz" --ignore-failed-read $(ls -d exp/conformer/*/train.log exp/conformer/*/*.log \
-    exp/conformer/base*/config.yaml exp/conformer/*/size_report.* exp/conformer/*/log exp/conformer/*/*/log \
-    exp/conformer/decode/*/log data_gpu/sa_splits/prepare.yaml 2>/dev/null | sort -u) 2>/dev/null || true
+  tar czf "$out/logs_$part.tgz" --ignore-failed-read $(ls -d exp/conformer/*/*.log exp/conformer/base*/config.yaml \
+    exp/conformer/*/size_report.* exp/conformer/*/log exp/conformer/*/*/log data_gpu/sa_splits/prepare.yaml \
+    2>/dev/null) 2>/dev/null || true
   cd "$root"
 }
 

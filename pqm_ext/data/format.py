@@ -95,7 +95,8 @@ def is_formatted(src: Path, dst: Path, audio_format: str = "wav",
     ``sample_rate`` (limited to the same ``durations``). ``digest``: ``source_digest(src)``, if known."""
     record = read_marker(dst)
     return (record is not None and record.get("source") == str(src.absolute())
-            and record.get("digest") == (digest or source_digest(src)) and record.get("audio_format", "wav") == audio_format
+            and record.get("digest") == (digest or source_digest(src))
+            and record.get("audio_format", "wav") == audio_format
             and record.get("sample_rate") == sample_rate
             and record.get("durations") == (None if durations is None else list(durations)))
 
