@@ -43,6 +43,8 @@ def pqm_sh(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["--no_such_option", "1"], "unknown option --no_such_option"),
     (["--stage", "8", "stray"], "unexpected argument: stray"),
     (["--jobs_per_gpu", "0"], "--jobs_per_gpu must be a positive integer, not '0'"),  # not hours later, at stage 7
+    (["--pretrained_model", "m"], "--pretrained_model is a Conformer's (--model conformer)"),  # not silently ignored
+    (["--model", "conformer", "--whisper_checkpoint", "base.en.pt"], "--whisper_checkpoint is Whisper's"),
     (["--tag", "../x"], "--tag '../x': a directory name beside base/ and nf4/"),
     (["--tag", "nf4"], "--tag 'nf4': a directory name"),           # would be the quantised model's directory
     (["--tag", "decode"], "--tag 'decode': a directory name"),

@@ -110,6 +110,22 @@ def test_rerun_of_finished_stages_redoes_nothing(recipe):
     assert "exists: skipping" in res.stderr
 
 
+def test_stage_5_quantises_again_a_model_made_from_another_base(recipe):
+    """A quantised model is kept only if its record matches the base and quant config there now (say the base
+    was moved away and rebuilt from another checkpoint): stage 5 asks quantize, not the file's existence."""
+    record = recipe / "exp/whisper/nf4/made_from.json"
+    made_from = json.loads(record.read_text())
+    record.write_text(json.dumps({**made_from, "base": "0" * 64}))
+    before = outputs(recipe)
+    res = run_recipe(recipe, "--stage", "5", "--stop_stage", "5")
+    assert res.returncode == 0
+    assert "exp/whisper/nf4 was made from other inputs, making it again: base: " in res.stderr
+    assert "exp/whisper/int4 exists, made from the same inputs: skipping" in res.stderr
+    after = outputs(recipe)
+    assert {k for k in before if after[k] != before[k]} == {"exp/whisper/nf4/model.safetensors"}
+    assert json.loads(record.read_text()) == made_from
+
+
 def test_stage_5_to_8_rebuild_gives_the_same_numbers(recipe):
     first = wers(recipe)
     for d in ("nf4", "int4", "lora_pretrain", "adapt", "decode"):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The PQM stages shared by every recipe (ESPnet's asr.sh in spirit): a recipe's run.sh sets the
 # corpus options and calls this script with "$@". Every stage calls a `python -m pqm_ext.bin.<step>`
-# entry point; units of work whose complete output exists are skipped, so a re-run continues.
+# entry point; a unit of work made from the same inputs is skipped and one made from other inputs is made
+# again, so a re-run continues (stages 3 and 4 keep an existing token list and base).
 #   1 data prep (offline demo corpus when no corpus path is set)   5 quantisation + size report
 #   2 format + validate data dirs                                  6 LoRA pretraining (multi-speaker pool)
 #   3 token list                                                   7 speaker adaptive training (per speaker)
@@ -11,26 +12,29 @@ log() { echo "$(date '+%Y-%m-%dT%H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[
 SECONDS=0
 
 # General
-stage=1; stop_stage=8; nj=2; ngpu=0; seed=0
+stage=1; stop_stage=8; nj=2; ngpu=0
+seed=0                     # every random draw: the demo corpus, the target speakers, training
 jobs_per_gpu=1             # stages 7-8 with --ngpu: up to this many of the --nj jobs share each GPU at once (a
                            # speaker's adapter or decode uses little of one; the local backend of cmd.sh)
 model=whisper              # whisper | conformer
 corpus=                    # name in result files: librispeech_sa | tedlium3_sa
 corpus_layout=             # demo corpus layout: librispeech | tedlium3
-corpus_dir=                # the real corpus (from db.sh); empty: synthesise the offline demo corpus
-demo_dir=                  # where the demo corpus is synthesised (default: downloads/demo)
+corpus_dir=                # the real corpus (run.sh: from db.sh, which also picks the sizes); empty: synthesise
+                           # the offline demo corpus
+demo_dir=                  # where the demo corpus is synthesised (default: downloads/demo; conformer: demo_3h)
 demo_opts=                 # options of python -m pqm_ext.bin.synth_demo_corpus
 data_opts=                 # options of local/data.sh
-datadir=                   # Kaldi data dirs (default: data)
-dumpdir=                   # formatted data dirs go to <dumpdir>/raw (default: dump)
+datadir=                   # Kaldi data dirs (default: data; the conformer demo: data_3h)
+dumpdir=                   # formatted data dirs go to <dumpdir>/raw (default: dump; the conformer demo: dump_3h)
 audio_format=wav           # stage 2's audio files: wav | flac (about half the disk; ESPnet's default)
 min_wav_duration=0.1       # stage 2 leaves shorter utterances out of the pretraining pool and dev set (asr.sh's)
 max_wav_duration=30        # ... and longer ones (Whisper's encoder sees 30 s; asr.sh's default is 20, but both
-                           # models share dump/); empty: no limits. Adaptation and test sets keep every utterance.
+                           # models share dump/); empty: neither limit. Adaptation and test sets keep every utterance.
 # Models
 model_config=              # default: conf/<model>/model.yaml
-whisper_checkpoint=        # openai-whisper checkpoint (e.g. base.en.pt); empty: bundled tiny.en
-pretrained_model=          # conformer: an ESPnet model dir (config.yaml + model file) instead of training
+whisper_checkpoint=        # whisper: openai-whisper checkpoint (e.g. base.en.pt); empty: bundled tiny.en
+pretrained_model=          # conformer: an ESPnet model dir (config.yaml + *.pth), or a base stage 4 exported,
+                           # instead of training
 base_train_config=         # conformer: trainer options of the base model (default: conf/<model>/train.yaml)
 nbpe=300                   # conformer: sentencepiece vocabulary size
 quant=nf4                  # the quantised base that is adapted (conf/quant_<quant>.yaml)
@@ -65,6 +69,12 @@ options="stage stop_stage nj ngpu jobs_per_gpu seed model corpus corpus_layout c
 . ./cmd.sh
 
 case $model in whisper|conformer) ;; *) log "--model must be whisper or conformer, not '$model'"; exit 1 ;; esac
+if [ $model = whisper ] && [ -n "$pretrained_model" ]; then
+  log "--pretrained_model is a Conformer's (--model conformer); Whisper's base comes from --whisper_checkpoint"; exit 1
+fi
+if [ $model = conformer ] && [ -n "$whisper_checkpoint" ]; then
+  log "--whisper_checkpoint is Whisper's (--model whisper); a Conformer's base comes from --pretrained_model"; exit 1
+fi
 if [ "$stage" -gt "$stop_stage" ]; then log "--stage $stage is after --stop_stage $stop_stage"; exit 1; fi
 [[ "$jobs_per_gpu" =~ ^[1-9][0-9]*$ ]] || { log "--jobs_per_gpu must be a positive integer, not '$jobs_per_gpu'"; exit 1; }
 gpu_share=(); [ "$jobs_per_gpu" = 1 ] || gpu_share=(--jobs_per_gpu "$jobs_per_gpu")  # only launchers that share know it
@@ -154,7 +164,7 @@ fi
 if run 5; then
   for q in $quant $baselines; do
     log "Stage 5: quantisation $q -> $exp/$q"
-    if [ -f $exp/$q/model.safetensors ]; then log "exists: skipping"; continue; fi
+    # quantize keeps a model made from the same base and conf/quant_$q.yaml, and makes it again otherwise
     python -m pqm_ext.bin.quantize --model_dir $exp/base --quant_config conf/quant_$q.yaml --out $exp/$q
   done
 fi
