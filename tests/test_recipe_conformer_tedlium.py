@@ -105,6 +105,27 @@ def test_an_imported_espnet_model_keeps_its_own_bpe_model(recipe, tmp_path, monk
     assert not (here / "exp/base2").exists()
 
 
+def test_a_base_exported_by_stage_4_imports_from_anywhere(recipe, tmp_path, monkeypatch):
+    """--pretrained_model exp/conformer/base (config.yaml + model.safetensors, moved elsewhere): the same
+    weights and its own sentencepiece model; a quantised model is refused, naming its file."""
+    from safetensors.torch import load_file
+    from pqm_ext.bin.train_base import export
+    from pqm_ext.utils.errors import InputError
+
+    moved = tmp_path / "models/my_base"  # its config names exp/conformer/base/bpe.model, which is not here
+    shutil.copytree(recipe / "exp/conformer/base", moved)
+    monkeypatch.chdir(tmp_path)
+    export(moved, Path("exp/base"))
+    original, imported = load_file(str(moved / "model.safetensors")), load_file("exp/base/model.safetensors")
+    assert sorted(original) == sorted(imported) and all((original[k] == imported[k]).all() for k in original)
+    assert (tmp_path / "exp/base/bpe.model").read_bytes() == (moved / "bpe.model").read_bytes()
+    assert yaml.safe_load(Path("exp/base/config.yaml").read_text())["bpemodel"] == "exp/base/bpe.model"
+
+    with pytest.raises(InputError, match=r"nf4/model.safetensors: not a full-precision base"):
+        export(recipe / "exp/conformer/nf4", Path("exp/base_nf4"))
+    assert not Path("exp/base_nf4").exists()
+
+
 def test_stages_5_to_8_give_the_conformer_table_on_tedlium(recipe):
     res = json.loads((recipe / "exp/conformer/results.json").read_text())
     assert res["model"] == "conformer" and res["corpus"] == "tedlium3_sa"

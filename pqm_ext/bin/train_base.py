@@ -1,10 +1,11 @@
-"""Stage 4 for the Conformer: train the full-precision base with ESPnet, or import a trained one.
+r"""Stage 4 for the Conformer: train the full-precision base with ESPnet, or import a trained one.
 
 Training runs ESPnet's ASR trainer (through PQMASRTask, without quantisation or adapters) on the
 pretraining pool in ``<out>_train`` and resumes from its checkpoint when re-run; the n-best
 averaged model ESPnet writes is then exported to ``<out>`` (config.yaml + model.safetensors +
 size report). ``--pretrained_model DIR`` imports an ESPnet model directory (config.yaml and a
-``*.pth`` state dict, read with ``weights_only=True``) instead of training.
+``*.pth`` state dict, read with ``weights_only=True``), or a base this stage exported in another recipe
+(config.yaml + model.safetensors), instead of training.
 
 The sentencepiece model travels into ``<out>`` too: ESPnet's config names it by a path relative to
 the recipe that trained it, and in another recipe that path may hold a different corpus' BPE model
@@ -27,7 +28,7 @@ import torch
 import yaml
 
 from pqm_ext.asr.config import dump_config, merge_configs, read_yaml
-from pqm_ext.asr.model_io import MODEL_FILE, save_fp_model
+from pqm_ext.asr.model_io import BPE_MODEL, FP_FORMAT, MODEL_FILE, file_format, save_fp_model
 from pqm_ext.asr.train import data_args
 from pqm_ext.quant import size_report, write_size_report
 from pqm_ext.utils.errors import InputError
@@ -59,9 +60,24 @@ def model_file_of(model_dir: Path) -> Path:
         if (model_dir / name).exists():
             return model_dir / name
     found = sorted(model_dir.glob("*.pth"))
+    if not found and (model_dir / MODEL_FILE).is_file():  # a base exported by this stage
+        return model_dir / MODEL_FILE
     if not found:
-        raise InputError(model_dir, f"no model file (*.pth) in the model directory (looked for {MODEL_FILES})")
+        raise InputError(model_dir, f"no model file (*.pth or {MODEL_FILE}) in the model directory "
+                                    f"(looked for {MODEL_FILES})")
     return found[-1]
+
+
+def read_state(weights: Path) -> dict:
+    if weights.name == MODEL_FILE:
+        if file_format(weights) != FP_FORMAT:
+            raise InputError(weights, "not a full-precision base (a quantised model cannot be imported as one)")
+        from safetensors.torch import load_file
+        return load_file(str(weights))
+    try:
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or pickled-object files
+        raise InputError(weights, f"cannot read the model file: {e}") from e
 
 
 SPECIAL_TOKENS = {"<blank>", "<unk>", "<sos/eos>"}
@@ -69,9 +85,11 @@ SPECIAL_TOKENS = {"<blank>", "<unk>", "<sos/eos>"}
 
 def find_bpemodel(bpemodel: str, config: Path) -> Path:
     """The sentencepiece model a config names: relative paths are tried against the model directory
-    and its parents first (the recipe that trained it), then the current directory."""
+    and its parents first (the recipe that trained it), then the current directory. A base exported by
+    this stage carries its own beside its config, wherever it was moved."""
     path = Path(bpemodel)
     candidates = [path] if path.is_absolute() else \
+        [config.parent / path.name] * (path.name == BPE_MODEL) + \
         [d / path for d in [config.parent, *config.parent.resolve().parents]] + [Path.cwd() / path]
     for candidate in candidates:
         if candidate.is_file():
@@ -99,8 +117,8 @@ def bundle_bpemodel(args: argparse.Namespace, config: Path, tmp: Path, out: Path
         return
     src = find_bpemodel(args.bpemodel, config)
     check_bpemodel(src, args.token_list, config)
-    shutil.copy(src, tmp / "bpe.model")
-    args.bpemodel = str(out / "bpe.model")
+    shutil.copy(src, tmp / BPE_MODEL)
+    args.bpemodel = str(out / BPE_MODEL)
 
 
 def export(train_dir: Path, out: Path) -> Path:
@@ -112,10 +130,7 @@ def export(train_dir: Path, out: Path) -> Path:
     args.quant_conf, args.lora_conf, args.base_model_file, args.init_adapter = {"method": "none"}, None, None, None
     model = PQMASRTask.build_model(args)
     weights = model_file_of(train_dir)
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or pickled-object files
-        raise InputError(weights, f"cannot read the model file: {e}") from e
+    state = read_state(weights)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
