@@ -12,7 +12,8 @@ device=${2:-cpu}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "${out}"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python=${PYTHON:-python3}
+python=${PYTHON:-$here/../tools/venv/bin/python}  # the installed stack (tools/install.sh), else the system's
+[ -n "${PYTHON:-}" ] || [ -x "$python" ] || python=python3
 
 run() {  # run NAME LIMIT_S SCRIPT ARGS...: one benchmark, its log, its status
     local name=$1 limit=${BENCH_LIMIT_S:-$2}; shift 2

@@ -42,4 +42,4 @@ log "installing the Python stack (torch, ESPnet, bitsandbytes, peft, ...)"
 PIP_CONSTRAINT=$tools_dir/constraints.txt $pip install -r requirements.txt
 $pip install --no-build-isolation --no-deps -e ..
 echo "$want" > "$stamp"
-log "done: source path.sh (or egs/*/path.sh) to use tools/venv"
+log "done: . egs/TEMPLATE/path.sh (or a recipe's path.sh) puts tools/venv first on PATH"

@@ -1,4 +1,4 @@
-"""Stage 7: speaker adaptive training — LoRA adapters per target speaker, N and initialisation.
+r"""Stage 7: speaker adaptive training — LoRA adapters per target speaker, N and initialisation.
 
 One job handles the speakers given to it (the stage runs one job per speaker through
 ``${cuda_cmd} JOB=1:N``). Adapters made from the same inputs are skipped, others trained (again); if a

@@ -1,14 +1,14 @@
-"""Stage 8 (decoding): every system on the target speakers' test sets, with their own adapters.
+r"""Stage 8 (decoding): every system on the target speakers' test sets, with their own adapters.
 
 Systems: fp, the quantised base (nf4), baselines (int4), the pretrained LoRA alone, and per N the
 speaker adapters trained from scratch (lora_scratch_n<N>) and from the pretrained LoRA (pqm_n<N>,
-pqm_semi_n<N>). Beam search is ESPnet's (conf/decode.yaml). Output: exp/<model>/decode/<system>/hyp.
+pqm_semi_n<N>). Beam search is ESPnet's (conf/<model>/decode.yaml). Output: exp/<model>[/<tag>]/decode/<system>/hyp.
 
 Usage:
     python -m pqm_ext.bin.decode --exp_dir exp/whisper --data dump/raw/sa_test --speakers @spk.1 \
-        --nutts 5 10 20 --inits scratch pretrained --decode_config conf/decode.yaml
+        --nutts 5 10 20 --inits scratch pretrained --decode_config conf/whisper/decode.yaml
     # greedy, 32 utterances of different speakers per batch, each with its own adapter:
-    python -m pqm_ext.bin.decode ... --decode_config conf/decode.yaml --mixed_batch 32
+    python -m pqm_ext.bin.decode ... --decode_config conf/whisper/decode.yaml --mixed_batch 32
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Stage 8 (scoring): RESULTS.md, results.json and wer_vs_n.png from the decoded hypotheses.
+r"""Stage 8 (scoring): RESULTS.md, results.json and wer_vs_n.png from the decoded hypotheses.
 
 Usage:
     python -m pqm_ext.bin.make_results --exp_dir exp/whisper --data dump/raw/sa_test --model whisper \
-        --corpus librispeech_sa --nutts 5 10 20 --inits scratch pretrained --decode_config conf/decode.yaml
+        --corpus librispeech_sa --nutts 5 10 20 --inits scratch pretrained --decode_config conf/whisper/decode.yaml
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prepare LibriSpeech for PQM: pretrain/ (train-clean-100), dev/ (dev-clean) and LibriSpeech-SA
+r"""Prepare LibriSpeech for PQM: pretrain/ (train-clean-100), dev/ (dev-clean) and LibriSpeech-SA
 (sa_adapt/, sa_test/, sa_splits/) with target readers drawn from train-clean-360.
 
 Usage:

@@ -1,4 +1,4 @@
-"""Prepare TED-LIUM 3 (legacy split) for PQM: pretrain/ (train talks not held out), dev/ (legacy dev) and
+r"""Prepare TED-LIUM 3 (legacy split) for PQM: pretrain/ (train talks not held out), dev/ (legacy dev) and
 the SA set (sa_adapt/, sa_test/, sa_splits/) from talks held out of legacy train.
 
 Usage:

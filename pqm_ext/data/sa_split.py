@@ -140,7 +140,8 @@ def check_prepared(data_dir: Path, corpus: str, opts: SplitOptions, extra: dict,
         return False
     changed = sorted(k for k in set(wanted) | set(previous or {}) if (previous or {}).get(k) != wanted.get(k))
     raise InputError(marker, f"{data_dir} was prepared with other options ({', '.join(changed)} differ); "
-                             f"remove it or pass --overwrite true")
+                             f"remove it, prepare into another directory (--data_dir; pqm.sh/run.sh: --datadir, with "
+                             f"--dumpdir for stage 2's copies) or pass --overwrite true")
 
 
 def write_prepared(data_dir: Path, dirs: Dict[str, DataDir], splits: Dict[str, Tuple[List[str], List[str]]],

@@ -137,7 +137,7 @@ def is_complete(out: Path, config: DemoConfig) -> bool:
     if done.get("config") == config.record():
         return True
     raise FileExistsError(f"{out}: holds a demo corpus made with other options or by another version of the "
-                          f"synthesiser ({marker}); remove it or choose another --out")
+                          f"synthesiser ({marker}); remove it or choose another --out (pqm.sh/run.sh: --demo_dir)")
 
 
 def synth_demo_corpus(config: DemoConfig, out: Path, nj: int = 1) -> Path:
