@@ -88,9 +88,9 @@ def find_bpemodel(bpemodel: str, config: Path) -> Path:
     and its parents first (the recipe that trained it), then the current directory. A base exported by
     this stage carries its own beside its config, wherever it was moved."""
     path = Path(bpemodel)
+    own = [config.parent / BPE_MODEL] if path.name == BPE_MODEL else []
     candidates = [path] if path.is_absolute() else \
-        [config.parent / path.name] * (path.name == BPE_MODEL) + \
-        [d / path for d in [config.parent, *config.parent.resolve().parents]] + [Path.cwd() / path]
+        own + [d / path for d in [config.parent, *config.parent.resolve().parents]] + [Path.cwd() / path]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
