@@ -129,6 +129,21 @@ def test_bad_quantisation_config(tmp_path, conf, message):
     assert not (tmp_path / "nf4").exists()
 
 
+def test_stage_4_refuses_a_whisper_base_as_a_conformer(tmp_path):
+    """Whisper's stage 4 also writes config.yaml + a full-precision model.safetensors: importable in form, but
+    no Conformer (peft would find none of its LoRA targets only at stage 6)."""
+    whisper = tmp_path / "exp/whisper/base"
+    whisper.mkdir(parents=True)
+    (whisper / "config.yaml").write_text(yaml.safe_dump({"encoder": "pqm_whisper", "decoder": "pqm_whisper"}))
+    (whisper / "model.safetensors").write_bytes(b"")
+    res = subprocess.run([sys.executable, "-m", "pqm_ext.bin.train_base", "--config", "c.yaml", "--token_list", "t",
+                          "--train_data", "d", "--valid_data", "v", "--out", "exp/conformer/base",
+                          "--pretrained_model", str(whisper)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert f"{whisper}/config.yaml: a Whisper model: it is --model whisper's base, not a Conformer's" in res.stderr
+    assert not (tmp_path / "exp/conformer").exists()
+
+
 def test_missing_base_model(tmp_path):
     cfg = tmp_path / "quant.yaml"
     cfg.write_text(yaml.safe_dump({"quant_conf": {"method": "nf4"}}))

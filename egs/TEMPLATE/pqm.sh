@@ -2,7 +2,8 @@
 # The PQM stages shared by every recipe (ESPnet's asr.sh in spirit): a recipe's run.sh sets the
 # corpus options and calls this script with "$@". Every stage calls a `python -m pqm_ext.bin.<step>`
 # entry point; a unit of work made from the same inputs is skipped and one made from other inputs is made
-# again, so a re-run continues (stages 3 and 4 keep an existing token list and base).
+# again, so a re-run continues (stage 1 refuses data prepared with other options; stages 3 and 4 keep an
+# existing token list and base).
 #   1 data prep (offline demo corpus when no corpus path is set)   5 quantisation + size report
 #   2 format + validate data dirs                                  6 LoRA pretraining (multi-speaker pool)
 #   3 token list                                                   7 speaker adaptive training (per speaker)
@@ -21,7 +22,7 @@ corpus=                    # name in result files: librispeech_sa | tedlium3_sa
 corpus_layout=             # demo corpus layout: librispeech | tedlium3
 corpus_dir=                # the real corpus (run.sh: from db.sh, which also picks the sizes); empty: synthesise
                            # the offline demo corpus
-demo_dir=                  # where the demo corpus is synthesised (default: downloads/demo; conformer: demo_3h)
+demo_dir=                  # where the demo corpus is made (default: downloads/demo; conformer: downloads/demo_3h)
 demo_opts=                 # options of python -m pqm_ext.bin.synth_demo_corpus
 data_opts=                 # options of local/data.sh
 datadir=                   # Kaldi data dirs (default: data; the conformer demo: data_3h)

@@ -70,10 +70,16 @@ def model_file_of(model_dir: Path) -> Path:
 
 def read_state(weights: Path) -> dict:
     if weights.name == MODEL_FILE:
-        if file_format(weights) != FP_FORMAT:
-            raise InputError(weights, "not a full-precision base (a quantised model cannot be imported as one)")
+        fmt = file_format(weights)
+        if fmt != FP_FORMAT:
+            raise InputError(weights, f"not a full-precision base (format {fmt!r}; a quantised model cannot be "
+                                      f"imported as one)")
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(weights))
+        try:
+            return load_file(str(weights))
+        except (SafetensorError, OSError) as e:
+            raise InputError(weights, f"cannot read the model file: {e}") from e
     try:
         return torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or pickled-object files
@@ -89,8 +95,8 @@ def find_bpemodel(bpemodel: str, config: Path) -> Path:
     this stage carries its own beside its config, wherever it was moved."""
     path = Path(bpemodel)
     own = [config.parent / BPE_MODEL] if path.name == BPE_MODEL else []
-    candidates = [path] if path.is_absolute() else \
-        own + [d / path for d in [config.parent, *config.parent.resolve().parents]] + [Path.cwd() / path]
+    candidates = own + ([path] if path.is_absolute() else
+                        [d / path for d in [config.parent, *config.parent.resolve().parents]] + [Path.cwd() / path])
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -169,6 +175,8 @@ def main(argv=None) -> None:
         src = Path(a.pretrained_model)
         if not (src / "config.yaml").is_file():
             raise InputError(src / "config.yaml", "not an ESPnet model directory (config.yaml missing)")
+        if "whisper" in str(read_yaml(src / "config.yaml").get("encoder", "")):
+            raise InputError(src / "config.yaml", "a Whisper model: it is --model whisper's base, not a Conformer's")
         export(src, Path(a.out))
     else:
         train(a)

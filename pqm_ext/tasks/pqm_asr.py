@@ -1,4 +1,4 @@
-"""ESPnet's ASR task with NF4 quantisation and peft LoRA, without forking ESPnet.
+r"""ESPnet's ASR task with NF4 quantisation and peft LoRA, without forking ESPnet.
 
 ``PQMASRTask`` is ``ASRTask`` plus options saved in ``config.yaml`` like ESPnet's own:
 ``--base_model_file`` (the frozen base: a quantised or full-precision model file),
