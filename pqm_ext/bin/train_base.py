@@ -69,19 +69,15 @@ def model_file_of(model_dir: Path) -> Path:
 
 
 def read_state(weights: Path) -> dict:
-    if weights.name == MODEL_FILE:
-        fmt = file_format(weights)
-        if fmt != FP_FORMAT:
-            raise InputError(weights, f"not a full-precision base (format {fmt!r}; a quantised model cannot be "
-                                      f"imported as one)")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(weights))
-        except (SafetensorError, OSError) as e:
-            raise InputError(weights, f"cannot read the model file: {e}") from e
+    """The state dict of an ESPnet ``*.pth`` or of a base this stage exported (``model.safetensors``)."""
+    from safetensors.torch import load_file
+
+    exported = weights.name == MODEL_FILE
+    if exported and (fmt := file_format(weights)) != FP_FORMAT:
+        raise InputError(weights, f"not a full-precision base (format {fmt!r}; a quantised model cannot be "
+                                  f"imported as one)")
     try:
-        return torch.load(weights, map_location="cpu", weights_only=True)
+        return load_file(str(weights)) if exported else torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or pickled-object files
         raise InputError(weights, f"cannot read the model file: {e}") from e
 
