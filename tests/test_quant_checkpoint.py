@@ -188,6 +188,50 @@ def test_conformer_checkpoint_into_whisper_is_refused(quantised_conformer, build
         load_quantized(build_whisper(load=False), path)
 
 
+SPECAUG = {"apply_time_warp": False, "apply_freq_mask": True, "freq_mask_width_range": [0, 5],
+           "num_freq_mask": 1, "apply_time_mask": False}
+
+
+def _with_specaug(conformer_args, on: bool) -> torch.nn.Module:
+    from espnet2.tasks.asr import ASRTask
+
+    args = conformer_args()
+    args.specaug, args.specaug_conf = ("specaug", dict(SPECAUG)) if on else (None, {})
+    torch.manual_seed(0)
+    return ASRTask.build_model(args)
+
+
+@pytest.mark.parametrize("saved_with, loaded_with", [(True, False), (False, True)])
+def test_specaug_on_or_off_loads_the_same_base(saved_with, loaded_with, conformer_args, tmp_path, random_batch):
+    """SpecAugment holds no weights and acts only in training: an adapter may be trained with it off
+    (--specaug none) on a base quantised with it on, and the reverse. Another architecture still fails."""
+    model = _with_specaug(conformer_args, saved_with)
+    assert (model.specaug is not None) == saved_with
+    quantize_model(model, CONFIGS["nf4"])
+    path = tmp_path / "nf4.safetensors"
+    save_quantized(model, path, CONFIGS["nf4"])
+    fresh = _with_specaug(conformer_args, loaded_with)
+    load_quantized(fresh, path)
+    assert_state_dicts_equal(model, fresh)
+    speech, lengths = random_batch(seed=3)[:2]
+    with torch.no_grad():
+        assert torch.equal(model.eval().encode(speech, lengths)[0], fresh.eval().encode(speech, lengths)[0])
+
+
+def test_checkpoint_fingerprinted_with_specaug_still_loads(conformer_args, tmp_path):
+    """Checkpoints written before SpecAugment left the fingerprint (it was hashed with the rest) load."""
+    from pqm_ext.quant import architecture_fingerprint
+
+    model = _with_specaug(conformer_args, True)
+    quantize_model(model, CONFIGS["nf4"])
+    legacy = architecture_fingerprint(model, training_only=True)
+    assert legacy != architecture_fingerprint(model)
+    path = tmp_path / "legacy.safetensors"
+    save_quantized(model, path, CONFIGS["nf4"], extra={"architecture": legacy})
+    assert read_metadata(path)["architecture"] == legacy
+    load_quantized(_with_specaug(conformer_args, True), path)
+
+
 @pytest.mark.gpu
 def test_round_trip_onto_cuda(quantised_conformer, build_conformer, random_batch):
     model, path = quantised_conformer("nf4")

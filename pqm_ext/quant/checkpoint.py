@@ -3,7 +3,9 @@
 Reloading rebuilds the quantised structure (no full-precision weights, no re-quantisation) and
 loads the tensors strictly: the round trip is bit-exact. The metadata records the quantisation
 config, a fingerprint of the architecture (module names, types and logical shapes) and a SHA-256
-of every tensor; a checkpoint for another architecture, or a corrupted one, is refused.
+of every tensor; a checkpoint for another architecture, or a corrupted one, is refused. Modules that act
+only in training and hold no weights (SpecAugment) are not part of the architecture: an adapter may be
+trained with them switched off (``--specaug none``) on a base that was trained with them.
 """
 from __future__ import annotations
 
@@ -23,12 +25,19 @@ from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_file
 
 FORMAT = "pqm-quantized-v1"
+TRAINING_ONLY = frozenset({"specaug"})  # ESPnet's attribute for SpecAug: weightless, identity in eval mode
 
 
-def architecture_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of module names, types and logical weight shapes (independent of the weights)."""
+def architecture_fingerprint(model: torch.nn.Module, training_only: bool = False) -> str:
+    """Hash of module names, types and logical weight shapes (independent of the weights).
+
+    ``training_only=True`` also hashes the TRAINING_ONLY modules, as checkpoints written before they were
+    left out did; loading accepts either.
+    """
     h = hashlib.sha256()
     for name, m in model.named_modules():
+        if not training_only and TRAINING_ONLY.intersection(name.split(".")):
+            continue
         if isinstance(m, NF4Linear):
             shapes = [("weight", (m.out_features, m.in_features))]
         elif isinstance(m, NF4Store):
@@ -104,7 +113,7 @@ def load_quantized(model: torch.nn.Module, path) -> Tuple[QuantConfig, str]:
     cfg = QuantConfig.from_dict(json.loads(meta["quant_config"]))
     quantize_model(model, cfg, materialize=False)
     arch = architecture_fingerprint(model)
-    if arch != meta["architecture"]:
+    if meta["architecture"] not in (arch, architecture_fingerprint(model, training_only=True)):
         raise InputError(path, f"checkpoint is for another architecture (fingerprint {meta['architecture']}, "
                                f"this model {arch}): check the model config")
     try:
