@@ -127,7 +127,7 @@ def test_whisper_round_trip_is_bit_exact(whisper_fp, build_whisper, tmp_path, qu
 def test_checkpoint_metadata(quantised_conformer):
     model, path = quantised_conformer("nf4_dq")
     meta = read_metadata(path)
-    assert meta["format"] == "pqm-quantized-v1"
+    assert meta["format"] == "pqm-quantized-v1" and meta["architecture_excludes"] == "specaug"
     assert QuantConfig.from_dict(json.loads(meta["quant_config"])) == CONFIGS["nf4_dq"]
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
@@ -184,8 +184,9 @@ def test_checkpoint_for_another_architecture_is_refused(other, quantised_conform
 
 def test_conformer_checkpoint_into_whisper_is_refused(quantised_conformer, build_whisper, tmp_path):
     _, path = quantised_conformer("nf4")
-    with pytest.raises(InputError, match="another architecture"):
+    with pytest.raises(InputError, match="another architecture") as err:
         load_quantized(build_whisper(load=False), path)
+    assert "SpecAugment" not in str(err.value)  # the hint is for checkpoints written before it was left out
 
 
 SPECAUG = {"apply_time_warp": False, "apply_freq_mask": True, "freq_mask_width_range": [0, 5],
@@ -228,8 +229,16 @@ def test_checkpoint_fingerprinted_with_specaug_still_loads(conformer_args, tmp_p
     assert legacy != architecture_fingerprint(model)
     path = tmp_path / "legacy.safetensors"
     save_quantized(model, path, CONFIGS["nf4"], extra={"architecture": legacy})
+    with safe_open(str(path), framework="pt") as f:  # written as before: no record of what the hash leaves out
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    del meta["architecture_excludes"]
+    save_file(tensors, str(path), metadata=meta)
     assert read_metadata(path)["architecture"] == legacy
     load_quantized(_with_specaug(conformer_args, True), path)
+    # Without SpecAugment the old hash cannot be recomputed: refused, saying how to get a loadable checkpoint.
+    with pytest.raises(InputError, match=r"another architecture.*--specaug none.*stage 5") as err:
+        load_quantized(_with_specaug(conformer_args, False), path)
+    assert str(path) in str(err.value)
 
 
 @pytest.mark.gpu

@@ -80,7 +80,8 @@ def save_quantized(model: torch.nn.Module, path, cfg: QuantConfig, extra: Option
     tensors = base_state(model, cfg)
     fingerprint = tensors_fingerprint(tensors)
     metadata = {"format": FORMAT, "quant_config": json.dumps(cfg.to_dict()),
-                "architecture": architecture_fingerprint(model), "fingerprint": fingerprint}
+                "architecture": architecture_fingerprint(model), "fingerprint": fingerprint,
+                "architecture_excludes": ",".join(sorted(TRAINING_ONLY))}  # its absence marks an older checkpoint
     metadata.update(extra or {})
     with atomic_file(path, "wb") as f:
         f.close()
@@ -114,8 +115,14 @@ def load_quantized(model: torch.nn.Module, path) -> Tuple[QuantConfig, str]:
     quantize_model(model, cfg, materialize=False)
     arch = architecture_fingerprint(model)
     if meta["architecture"] not in (arch, architecture_fingerprint(model, training_only=True)):
+        hint = ""
+        if "architecture_excludes" not in meta and not any(TRAINING_ONLY.intersection(name.split("."))
+                                                           for name, _ in model.named_modules()):
+            hint = ("; a checkpoint written before 2026-11-27 also hashed SpecAugment, so it loads only into a model "
+                    "built with it: to adapt without it (--specaug none), remove this checkpoint's directory and "
+                    "quantise again (stage 5)")
         raise InputError(path, f"checkpoint is for another architecture (fingerprint {meta['architecture']}, "
-                               f"this model {arch}): check the model config")
+                               f"this model {arch}): check the model config{hint}")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
