@@ -205,7 +205,7 @@ def _with_specaug(conformer_args, on: bool) -> torch.nn.Module:
 @pytest.mark.parametrize("saved_with, loaded_with", [(True, False), (False, True)])
 def test_specaug_on_or_off_loads_the_same_base(saved_with, loaded_with, conformer_args, tmp_path, random_batch):
     """SpecAugment holds no weights and acts only in training: an adapter may be trained with it off
-    (--specaug none) on a base quantised with it on, and the reverse. Another architecture still fails."""
+    (--specaug none) on a base quantised with it on, and the reverse."""
     model = _with_specaug(conformer_args, saved_with)
     assert (model.specaug is not None) == saved_with
     quantize_model(model, CONFIGS["nf4"])
@@ -225,7 +225,7 @@ def test_checkpoint_fingerprinted_with_specaug_still_loads(conformer_args, tmp_p
 
     model = _with_specaug(conformer_args, True)
     quantize_model(model, CONFIGS["nf4"])
-    legacy = architecture_fingerprint(model, training_only=True)
+    legacy = architecture_fingerprint(model, with_training_only=True)
     assert legacy != architecture_fingerprint(model)
     path = tmp_path / "legacy.safetensors"
     save_quantized(model, path, CONFIGS["nf4"], extra={"architecture": legacy})

@@ -28,15 +28,15 @@ FORMAT = "pqm-quantized-v1"
 TRAINING_ONLY = frozenset({"specaug"})  # ESPnet's attribute for SpecAug: weightless, identity in eval mode
 
 
-def architecture_fingerprint(model: torch.nn.Module, training_only: bool = False) -> str:
+def architecture_fingerprint(model: torch.nn.Module, with_training_only: bool = False) -> str:
     """Hash of module names, types and logical weight shapes (independent of the weights).
 
-    ``training_only=True`` also hashes the TRAINING_ONLY modules, as checkpoints written before they were
+    ``with_training_only=True`` also hashes the TRAINING_ONLY modules, as checkpoints written before they were
     left out did; loading accepts either.
     """
     h = hashlib.sha256()
     for name, m in model.named_modules():
-        if not training_only and TRAINING_ONLY.intersection(name.split(".")):
+        if not with_training_only and TRAINING_ONLY.intersection(name.split(".")):
             continue
         if isinstance(m, NF4Linear):
             shapes = [("weight", (m.out_features, m.in_features))]
@@ -114,7 +114,7 @@ def load_quantized(model: torch.nn.Module, path) -> Tuple[QuantConfig, str]:
     cfg = QuantConfig.from_dict(json.loads(meta["quant_config"]))
     quantize_model(model, cfg, materialize=False)
     arch = architecture_fingerprint(model)
-    if meta["architecture"] not in (arch, architecture_fingerprint(model, training_only=True)):
+    if meta["architecture"] not in (arch, architecture_fingerprint(model, with_training_only=True)):
         hint = ""
         if "architecture_excludes" not in meta and not any(TRAINING_ONLY.intersection(name.split("."))
                                                            for name, _ in model.named_modules()):
