@@ -5,14 +5,15 @@ loads the tensors strictly: the round trip is bit-exact. The metadata records th
 config, a fingerprint of the architecture (module names, types and logical shapes) and a SHA-256
 of every tensor; a checkpoint for another architecture, or a corrupted one, is refused. Modules that act
 only in training and hold no weights (SpecAugment) are not part of the architecture: an adapter may be
-trained with them switched off (``--specaug none``) on a base that was trained with them.
+trained with them switched off (``--specaug none``) on a base that was trained with them. The metadata
+names what the fingerprint left out (``architecture_excludes``; absent: nothing, as before 0d7be49).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, FrozenSet, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -28,15 +29,12 @@ FORMAT = "pqm-quantized-v1"
 TRAINING_ONLY = frozenset({"specaug"})  # ESPnet's attribute for SpecAug: weightless, identity in eval mode
 
 
-def architecture_fingerprint(model: torch.nn.Module, with_training_only: bool = False) -> str:
-    """Hash of module names, types and logical weight shapes (independent of the weights).
-
-    ``with_training_only=True`` also hashes the TRAINING_ONLY modules, as checkpoints written before they were
-    left out did; loading accepts either.
-    """
+def architecture_fingerprint(model: torch.nn.Module, exclude: FrozenSet[str] = TRAINING_ONLY) -> str:
+    """Hash of module names, types and logical weight shapes (independent of the weights), leaving out the
+    modules named in ``exclude`` (checkpoints record which; those written before 0d7be49 left out none)."""
     h = hashlib.sha256()
     for name, m in model.named_modules():
-        if not with_training_only and TRAINING_ONLY.intersection(name.split(".")):
+        if exclude.intersection(name.split(".")):
             continue
         if isinstance(m, NF4Linear):
             shapes = [("weight", (m.out_features, m.in_features))]
@@ -79,9 +77,11 @@ def save_quantized(model: torch.nn.Module, path, cfg: QuantConfig, extra: Option
     """Write ``path`` atomically; return the base fingerprint (adapters record it)."""
     tensors = base_state(model, cfg)
     fingerprint = tensors_fingerprint(tensors)
-    metadata = {"format": FORMAT, "quant_config": json.dumps(cfg.to_dict()),
-                "architecture": architecture_fingerprint(model), "fingerprint": fingerprint,
-                "architecture_excludes": ",".join(sorted(TRAINING_ONLY))}  # its absence marks an older checkpoint
+    metadata = {"format": FORMAT, "quant_config": json.dumps(cfg.to_dict()), "fingerprint": fingerprint,
+                "architecture": architecture_fingerprint(model),
+                "architecture_excludes": ",".join(sorted(TRAINING_ONLY))}
+    if set(extra or {}) & set(metadata):
+        raise ValueError(f"extra metadata may not replace {sorted(set(extra) & set(metadata))}")
     metadata.update(extra or {})
     with atomic_file(path, "wb") as f:
         f.close()
@@ -103,6 +103,23 @@ def read_metadata(path) -> Dict[str, str]:
     return meta
 
 
+def _tensors_fit(path: Path, model: torch.nn.Module) -> bool:
+    """Whether the file holds the names and shapes of ``model``'s saved tensors (quantisation states aside:
+    ``<weight>.<stat>`` keys), before any is loaded."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError):
+        return False
+    stored = {k: v for k, v in stored.items()
+              if not any(".".join(k.split(".")[:i]) in stored for i in range(1, k.count(".") + 1))}
+    expected = {n: tuple(t.shape) for n, t in model.named_parameters(remove_duplicate=False)}
+    for prefix, m in model.named_modules():
+        expected.update({f"{prefix}.{n}" if prefix else n: tuple(t.shape) for n, t in m.named_buffers(recurse=False)
+                         if n not in m._non_persistent_buffers_set})
+    return stored == expected
+
+
 def load_quantized(model: torch.nn.Module, path) -> Tuple[QuantConfig, str]:
     """Quantise ``model``'s structure as the checkpoint says and load it; return (config, fingerprint).
 
@@ -113,14 +130,15 @@ def load_quantized(model: torch.nn.Module, path) -> Tuple[QuantConfig, str]:
     meta = read_metadata(path)
     cfg = QuantConfig.from_dict(json.loads(meta["quant_config"]))
     quantize_model(model, cfg, materialize=False)
-    arch = architecture_fingerprint(model)
-    if meta["architecture"] not in (arch, architecture_fingerprint(model, with_training_only=True)):
+    excluded = frozenset(meta.get("architecture_excludes", "").split(",")) - {""}
+    arch = architecture_fingerprint(model, exclude=excluded)
+    if arch != meta["architecture"]:
         hint = ""
-        if "architecture_excludes" not in meta and not any(TRAINING_ONLY.intersection(name.split("."))
-                                                           for name, _ in model.named_modules()):
-            hint = ("; a checkpoint written before 2026-11-27 also hashed SpecAugment, so it loads only into a model "
-                    "built with it: to adapt without it (--specaug none), remove this checkpoint's directory and "
-                    "quantise again (stage 5)")
+        if not excluded and _tensors_fit(path, model):
+            hint = ("; its tensors fit, so only weightless modules differ: a checkpoint written before 0d7be49 (no "
+                    "architecture_excludes in its metadata) also hashed SpecAugment and loads only with the same "
+                    "SpecAugment; to adapt without it (--specaug none), remove its directory and quantise again "
+                    "(stage 5)")
         raise InputError(path, f"checkpoint is for another architecture (fingerprint {meta['architecture']}, "
                                f"this model {arch}): check the model config{hint}")
     try:
