@@ -225,13 +225,12 @@ def test_specaug_on_or_off_loads_the_same_base(saved_with, loaded_with, conforme
 FINGERPRINT_BEFORE_0D7BE49 = "425ba9d5454f8805"
 
 
-def _as_written_before_0d7be49(path):
-    """Rewrite a checkpoint's metadata as 361b8a7 wrote it: everything hashed, no architecture_excludes."""
+def _without_excludes_record(path, **metadata):
+    """Rewrite a checkpoint as versions before 81670d8 wrote it: no architecture_excludes (and ``metadata``)."""
     with safe_open(str(path), framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     del meta["architecture_excludes"]
-    meta["architecture"] = FINGERPRINT_BEFORE_0D7BE49
-    save_file(tensors, str(path), metadata=meta)
+    save_file(tensors, str(path), metadata={**meta, **metadata})
 
 
 def test_checkpoint_written_before_specaug_left_the_fingerprint(conformer_args, tmp_path):
@@ -240,7 +239,7 @@ def test_checkpoint_written_before_specaug_left_the_fingerprint(conformer_args, 
     quantize_model(model, CONFIGS["nf4"])
     path = tmp_path / "old.safetensors"
     save_quantized(model, path, CONFIGS["nf4"])
-    _as_written_before_0d7be49(path)
+    _without_excludes_record(path, architecture=FINGERPRINT_BEFORE_0D7BE49)  # as 361b8a7 wrote it
     load_quantized(_with_specaug(conformer_args, True), path)
     with pytest.raises(InputError, match=r"another architecture.*tensors fit.*--specaug none.*stage 5") as err:
         load_quantized(_with_specaug(conformer_args, False), path)
@@ -249,6 +248,17 @@ def test_checkpoint_written_before_specaug_left_the_fingerprint(conformer_args, 
     with pytest.raises(InputError, match="another architecture") as err:
         load_quantized(_with_specaug(conformer_args, False, num_blocks=1), path)
     assert "SpecAugment" not in str(err.value)
+
+
+def test_checkpoint_of_0d7be49_loads_with_or_without_specaug(conformer_args, tmp_path):
+    """0d7be49 left SpecAugment out of the fingerprint without recording it (architecture_excludes came after)."""
+    model = _with_specaug(conformer_args, True)
+    quantize_model(model, CONFIGS["nf4"])
+    path = tmp_path / "0d7be49.safetensors"
+    save_quantized(model, path, CONFIGS["nf4"])
+    _without_excludes_record(path)
+    for on in (True, False):
+        load_quantized(poison(_with_specaug(conformer_args, on)), path)
 
 
 def test_extra_metadata_cannot_replace_the_checkpoint_record(quantised_conformer, tmp_path):

@@ -132,9 +132,11 @@ def load_quantized(model: torch.nn.Module, path) -> Tuple[QuantConfig, str]:
     quantize_model(model, cfg, materialize=False)
     excluded = frozenset(meta.get("architecture_excludes", "").split(",")) - {""}
     arch = architecture_fingerprint(model, exclude=excluded)
-    if arch != meta["architecture"]:
+    # Unrecorded: everything was hashed (before 0d7be49), or TRAINING_ONLY was left out (0d7be49 only).
+    unrecorded = "architecture_excludes" not in meta
+    if meta["architecture"] not in {arch} | ({architecture_fingerprint(model)} if unrecorded else set()):
         hint = ""
-        if not excluded and _tensors_fit(path, model):
+        if unrecorded and _tensors_fit(path, model):
             hint = ("; its tensors fit, so only weightless modules differ: a checkpoint written before 0d7be49 (no "
                     "architecture_excludes in its metadata) also hashed SpecAugment and loads only with the same "
                     "SpecAugment; to adapt without it (--specaug none), remove its directory and quantise again "
