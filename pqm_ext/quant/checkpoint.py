@@ -6,7 +6,8 @@ config, a fingerprint of the architecture (module names, types and logical shape
 of every tensor; a checkpoint for another architecture, or a corrupted one, is refused. Modules that act
 only in training and hold no weights (SpecAugment) are not part of the architecture: an adapter may be
 trained with them switched off (``--specaug none``) on a base that was trained with them. The metadata
-names what the fingerprint left out (``architecture_excludes``; absent: nothing, as before 0d7be49).
+names what the fingerprint left out (``architecture_excludes``); older checkpoints, which do not, are
+matched with everything hashed (before 0d7be49) and without SpecAugment (0d7be49).
 """
 from __future__ import annotations
 
