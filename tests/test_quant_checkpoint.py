@@ -202,17 +202,22 @@ def _with_specaug(conformer_args, on: bool, **encoder_conf) -> torch.nn.Module:
     return ASRTask.build_model(args)
 
 
+def _saved_nf4(conformer_args, path, specaug: bool) -> torch.nn.Module:
+    """The tiny Conformer (with or without SpecAugment), quantised to NF4 and saved at ``path``."""
+    model = _with_specaug(conformer_args, specaug)
+    quantize_model(model, CONFIGS["nf4"])
+    save_quantized(model, path, CONFIGS["nf4"])
+    return model
+
+
 @pytest.mark.parametrize("saved_with, loaded_with", [(True, False), (False, True)])
 def test_specaug_on_or_off_loads_the_same_base(saved_with, loaded_with, conformer_args, tmp_path, random_batch):
     """SpecAugment holds no weights and acts only in training: an adapter may be trained with it off
     (--specaug none) on a base quantised with it on, and the reverse."""
-    model = _with_specaug(conformer_args, saved_with)
+    model = _saved_nf4(conformer_args, tmp_path / "nf4.safetensors", saved_with)
     assert (model.specaug is not None) == saved_with
-    quantize_model(model, CONFIGS["nf4"])
-    path = tmp_path / "nf4.safetensors"
-    save_quantized(model, path, CONFIGS["nf4"])
     fresh = poison(_with_specaug(conformer_args, loaded_with))
-    load_quantized(fresh, path)
+    load_quantized(fresh, tmp_path / "nf4.safetensors")
     assert_state_dicts_equal(model, fresh)
     speech, lengths = random_batch(seed=3)[:2]
     with torch.no_grad():
@@ -235,10 +240,8 @@ def _without_excludes_record(path, **metadata):
 
 def test_checkpoint_written_before_specaug_left_the_fingerprint(conformer_args, tmp_path):
     """Old checkpoints load into a model built as theirs was; without SpecAugment the refusal says what to do."""
-    model = _with_specaug(conformer_args, True)
-    quantize_model(model, CONFIGS["nf4"])
     path = tmp_path / "old.safetensors"
-    save_quantized(model, path, CONFIGS["nf4"])
+    _saved_nf4(conformer_args, path, True)
     _without_excludes_record(path, architecture=FINGERPRINT_BEFORE_0D7BE49)  # as 361b8a7 wrote it
     load_quantized(_with_specaug(conformer_args, True), path)
     with pytest.raises(InputError, match=r"another architecture.*tensors fit.*--specaug none.*stage 5") as err:
@@ -252,10 +255,8 @@ def test_checkpoint_written_before_specaug_left_the_fingerprint(conformer_args, 
 
 def test_checkpoint_of_0d7be49_loads_with_or_without_specaug(conformer_args, tmp_path):
     """0d7be49 left SpecAugment out of the fingerprint without recording it (architecture_excludes came after)."""
-    model = _with_specaug(conformer_args, True)
-    quantize_model(model, CONFIGS["nf4"])
     path = tmp_path / "0d7be49.safetensors"
-    save_quantized(model, path, CONFIGS["nf4"])
+    _saved_nf4(conformer_args, path, True)
     _without_excludes_record(path)
     for on in (True, False):
         load_quantized(poison(_with_specaug(conformer_args, on)), path)

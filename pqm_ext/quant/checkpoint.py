@@ -81,8 +81,9 @@ def save_quantized(model: torch.nn.Module, path, cfg: QuantConfig, extra: Option
     metadata = {"format": FORMAT, "quant_config": json.dumps(cfg.to_dict()), "fingerprint": fingerprint,
                 "architecture": architecture_fingerprint(model),
                 "architecture_excludes": ",".join(sorted(TRAINING_ONLY))}
-    if set(extra or {}) & set(metadata):
-        raise ValueError(f"extra metadata may not replace {sorted(set(extra) & set(metadata))}")
+    clash = set(extra or {}) & set(metadata)
+    if clash:
+        raise ValueError(f"extra metadata may not replace {sorted(clash)}")
     metadata.update(extra or {})
     with atomic_file(path, "wb") as f:
         f.close()
@@ -133,9 +134,11 @@ def load_quantized(model: torch.nn.Module, path) -> Tuple[QuantConfig, str]:
     quantize_model(model, cfg, materialize=False)
     excluded = frozenset(meta.get("architecture_excludes", "").split(",")) - {""}
     arch = architecture_fingerprint(model, exclude=excluded)
-    # Unrecorded: everything was hashed (before 0d7be49), or TRAINING_ONLY was left out (0d7be49 only).
+    accepted = {arch}
     unrecorded = "architecture_excludes" not in meta
-    if meta["architecture"] not in {arch} | ({architecture_fingerprint(model)} if unrecorded else set()):
+    if unrecorded:  # everything was hashed (before 0d7be49; ``arch``), or TRAINING_ONLY was left out (0d7be49 only)
+        accepted.add(architecture_fingerprint(model))
+    if meta["architecture"] not in accepted:
         hint = ""
         if unrecorded and _tensors_fit(path, model):
             hint = ("; its tensors fit, so only weightless modules differ: a checkpoint written before 0d7be49 (no "
