@@ -25,7 +25,8 @@ ARGS = ["--corpus", "tedlium3_sa", "--corpus_layout", "tedlium3", "--model", "co
         "--data_opts", "--num_target_speakers 2 --max_adapt 4 --num_test 3", "--nutts", "2 4", "--nbpe", "30",
         "--asr_args", "--max_epoch 1 --batch_bins 400000", "--lora_args", "--max_epoch 3 --batch_size 2",
         "--pretrain_args", "--max_epoch 2", "--adapt_args", "--max_epoch 1", "--nj", "2",
-        "--audio_format", "flac"]  # ESPnet's default dump format: trained, adapted and decoded from FLAC
+        "--audio_format", "flac",  # ESPnet's default dump format: trained, adapted and decoded from FLAC
+        "--noise_scp", "demo", "--rir_scp", "demo"]  # multi-condition LoRA pretraining on the demo's noise and RIRs
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +156,25 @@ def test_pretrain_and_adapt_args_each_reach_their_own_stage(recipe):
     assert max_epoch(exp / "lora_pretrain/adapter") == 2
     speaker_adapters = sorted(exp.glob("adapt/*/n*/*/adapter"))
     assert speaker_adapters and {max_epoch(d) for d in speaker_adapters} == {1}
+
+
+def test_stage_6_pretrains_on_noisy_reverberant_pool_speech_and_stage_7_on_the_speakers_own(recipe, monkeypatch):
+    """--noise_scp/--rir_scp demo: stage 6 synthesises the set and ESPnet trains on it with
+    conf/pretrain_augment.yaml's rates; the adapter's record names the lists; speaker adaptation gets none."""
+    from pqm_ext.asr.augment import check_audio_list
+    from pqm_ext.lora.io import adapter_info
+
+    monkeypatch.chdir(recipe)  # the lists name their files as ESPnet reads them: from the recipe directory
+    assert len(check_audio_list("downloads/noise_rir/noise.scp")) == 12
+    assert len(check_audio_list("downloads/noise_rir/rir.scp")) == 12
+    exp = recipe / "exp/conformer"
+    conf = yaml.safe_load((exp / "lora_pretrain/train/config.yaml").read_text())
+    assert conf["noise_scp"] == "downloads/noise_rir/noise.scp" and conf["rir_scp"] == "downloads/noise_rir/rir.scp"
+    rates = yaml.safe_load((REPO / "egs/TEMPLATE/conf/pretrain_augment.yaml").read_text())
+    assert {k: conf[k] for k in rates} == rates
+    assert set(adapter_info(exp / "lora_pretrain/adapter")["made_from"]["augment"]) == {"noise_scp", "rir_scp"}
+    speaker_adapters = sorted(exp.glob("adapt/*/n*/*/adapter"))
+    assert speaker_adapters and all("augment" not in adapter_info(d)["made_from"] for d in speaker_adapters)
 
 
 def test_early_stopping_holds_out_the_last_utterances_and_keeps_the_best_epoch(recipe, tmp_path):

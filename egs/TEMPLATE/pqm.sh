@@ -43,6 +43,11 @@ tag=                       # a variant of stages 6-8 beside the default table: t
                            # (adapters, decodes, RESULTS.md; same base and quant; its own LoRA pretraining if
                            # stage 6 runs with the tag, else the default exp/<model>/lora_pretrain)
 baselines="int4"           # other quantisations decoded for comparison (conf/quant_<b>.yaml)
+# LoRA pretraining (stage 6)
+noise_scp=none             # ESPnet's on-the-fly noise for the pool (multi-condition training): a list of "<id> <wav>"
+                           # lines (e.g. MUSAN's); demo: the synthesised set in downloads/noise_rir; none: off
+rir_scp=none               # ... and room impulse responses (e.g. RIRS_NOISES'), likewise; conf/pretrain_augment.yaml
+                           # sets how often and how loud
 # Adaptation
 nutts="5 10 20"            # adaptation utterances per speaker (first N of <datadir>/sa_splits/<spk>.adapt)
 inits="scratch pretrained" # scratch | pretrained (PQM) | semi (PQM on pseudo-labels)
@@ -63,7 +68,7 @@ help_message="Usage: $0 [options]  (see the comments at the top of egs/TEMPLATE/
 options="stage stop_stage nj ngpu jobs_per_gpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts datadir dumpdir
          audio_format min_wav_duration max_wav_duration model_config whisper_checkpoint pretrained_model
          base_train_config nbpe quant baselines nutts inits pseudo_labels valid_fraction decode_config mixed_batch
-         fold_adapters lora_args pretrain_args adapt_args asr_args tag"
+         fold_adapters lora_args pretrain_args adapt_args asr_args tag noise_scp rir_scp"
 . utils/parse_options.sh
 [ $# -eq 0 ] || { log "unexpected argument: $1"; exit 1; }
 . ./path.sh
@@ -172,10 +177,21 @@ fi
 
 if run 6; then
   log "Stage 6: LoRA pretraining on $dump/pretrain -> $work/lora_pretrain"
-  pretrain=(python -m pqm_ext.bin.train_adapter --model_dir $exp/$quant
-            --train_config conf/lora_trainer.yaml conf/$model/lora_pretrain.yaml
+  pretrain_configs=(conf/lora_trainer.yaml conf/$model/lora_pretrain.yaml); augment=
+  if [ "$noise_scp" = demo ] || [ "$rir_scp" = demo ]; then
+    python -m pqm_ext.bin.synth_noise_rir --out downloads/noise_rir --seed "$seed"
+  fi
+  [ "$noise_scp" = demo ] && noise_scp=downloads/noise_rir/noise.scp
+  [ "$rir_scp" = demo ] && rir_scp=downloads/noise_rir/rir.scp
+  [ "$noise_scp" = none ] || augment="--noise_scp $noise_scp"
+  [ "$rir_scp" = none ] || augment="$augment --rir_scp $rir_scp"
+  if [ -n "$augment" ]; then
+    log "multi-condition pretraining:$augment (conf/pretrain_augment.yaml)"
+    pretrain_configs+=(conf/pretrain_augment.yaml)
+  fi
+  pretrain=(python -m pqm_ext.bin.train_adapter --model_dir $exp/$quant --train_config "${pretrain_configs[@]}"
             --train_data $dump/pretrain --valid_data $dump/dev --out $work/lora_pretrain --ngpu "$ngpu" --seed "$seed"
-            --train_args "$lora_args $pretrain_args")
+            --train_args "$augment $lora_args $pretrain_args")
   # an adapter made from other inputs (say --pretrain_args changed) is trained again; a current one is
   # kept without overwriting its training log
   if "${pretrain[@]}" --check; then log "exists, made from the same inputs: skipping"

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import yaml
 
+from pqm_ext.asr.augment import AUGMENT_LISTS, augment_record
 from pqm_ext.asr.config import merge_configs, read_yaml
 from pqm_ext.asr.model_io import MODEL_FILE, bundled_bpemodel
 from pqm_ext.lora.config import AdapterConfig
@@ -75,13 +76,29 @@ def training_plan(model_dir, train_config, train_data, valid_data, out_dir, *, i
         conf["bpemodel"] = bpemodel
     if init_adapter and not (Path(init_adapter) / WEIGHTS).is_file():
         raise InputError(Path(init_adapter) / WEIGHTS, "initial adapter not found (the pretrained LoRA: stage 6)")
+    lists = dict(conf, **_options_in(extra_args or [], AUGMENT_LISTS))  # ESPnet: the command line wins
     made_from = {"base": file_digest(model_dir / MODEL_FILE),
                  "config": {k: v for k, v in conf.items() if k != "ngpu"},  # the device does not change the adapter
                  "train_args": list(extra_args or []),
                  "init_adapter": file_digest(Path(init_adapter) / WEIGHTS) if init_adapter else None,
                  "train_data": files_digest(Path(train_data) / n for n in DATA_FILES),
                  "valid_data": files_digest(Path(valid_data) / n for n in DATA_FILES)}
+    augment = augment_record(lists)
+    if augment:  # absent when there is none, so adapters recorded before augmentation existed stay current
+        made_from["augment"] = augment
     return conf, made_from
+
+
+def _options_in(args: List[str], names) -> Dict[str, str]:
+    """The last value given to each of ``--<name>`` in a command line (``--name value`` or ``--name=value``)."""
+    found = {}
+    for i, arg in enumerate(args):
+        for name in names:
+            if arg == f"--{name}" and i + 1 < len(args):
+                found[name] = args[i + 1]
+            elif arg.startswith(f"--{name}="):
+                found[name] = arg.split("=", 1)[1]
+    return found
 
 
 def is_current(out_dir, made_from: Dict) -> bool:

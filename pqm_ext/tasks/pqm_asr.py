@@ -57,6 +57,21 @@ class _WhisperTargets:
         return self.inner(uid, data)
 
 
+class _MonoSpeech:
+    """Wrap a preprocessor: ESPnet's noise and RIR augmentation hands speech back as (time, 1), which the
+    Conformer's frontend reads as one microphone of an array and Whisper's encoder not at all; give (time,)."""
+
+    def __init__(self, inner: Callable):
+        self.inner = inner
+
+    def __call__(self, uid: str, data: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        data = self.inner(uid, data)
+        speech = data.get("speech")
+        if isinstance(speech, np.ndarray) and speech.ndim == 2 and speech.shape[1] == 1:
+            data["speech"] = speech[:, 0].astype(np.float32)
+        return data
+
+
 def restore_best_adapter(model: torch.nn.Module, output_dir: Path, criterion) -> int:
     """Load the LoRA weights of ESPnet's best epoch by ``criterion`` into ``model``; return that epoch.
 
@@ -154,4 +169,6 @@ class PQMASRTask(ASRTask):
         fn = super().build_preprocess_fn(args, train)
         if fn is not None and str(getattr(args, "token_type", "")).startswith("whisper"):
             fn = _WhisperTargets(fn)
+        if fn is not None and train and (getattr(args, "noise_scp", None) or getattr(args, "rir_scp", None)):
+            fn = _MonoSpeech(fn)
         return fn
