@@ -49,6 +49,7 @@ def pqm_sh(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["--tag", "nf4"], "--tag 'nf4': a directory name"),           # would be the quantised model's directory
     (["--tag", "decode"], "--tag 'decode': a directory name"),
     (["--tag", "RESULTS.md"], "--tag 'RESULTS.md': a directory name"),  # the default table's files
+    (["--noise_scp", ""], "--noise_scp is empty: give a list"),   # else the next option would be read as the list
 ])
 def test_stage_script_rejects_bad_options_before_running(tmp_path, args, message):
     res = pqm_sh(tmp_path, *args)

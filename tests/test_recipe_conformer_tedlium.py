@@ -158,7 +158,7 @@ def test_pretrain_and_adapt_args_each_reach_their_own_stage(recipe):
     assert speaker_adapters and {max_epoch(d) for d in speaker_adapters} == {1}
 
 
-def test_stage_6_pretrains_on_noisy_reverberant_pool_speech_and_stage_7_on_the_speakers_own(recipe, monkeypatch):
+def test_stage_6_hands_the_noise_and_rir_lists_to_espnet_and_stage_7_none(recipe, monkeypatch):
     """--noise_scp/--rir_scp demo: stage 6 synthesises the set and ESPnet trains on it with
     conf/pretrain_augment.yaml's rates; the adapter's record names the lists; speaker adaptation gets none."""
     from pqm_ext.asr.augment import check_audio_list

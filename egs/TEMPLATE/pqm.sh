@@ -45,9 +45,10 @@ tag=                       # a variant of stages 6-8 beside the default table: t
 baselines="int4"           # other quantisations decoded for comparison (conf/quant_<b>.yaml)
 # LoRA pretraining (stage 6)
 noise_scp=none             # ESPnet's on-the-fly noise for the pool (multi-condition training): a list of "<id> <wav>"
-                           # lines (e.g. MUSAN's); demo: the synthesised set in downloads/noise_rir; none: off
-rir_scp=none               # ... and room impulse responses (e.g. RIRS_NOISES'), likewise; conf/pretrain_augment.yaml
-                           # sets how often and how loud
+                           # lines, mono 16 kHz (one you make from MUSAN, say); demo: a synthesised set made once
+                           # in downloads/noise_rir; none: off
+rir_scp=none               # ... and room impulse responses (from RIRS_NOISES, say), likewise;
+                           # conf/pretrain_augment.yaml sets how often and how loud
 # Adaptation
 nutts="5 10 20"            # adaptation utterances per speaker (first N of <datadir>/sa_splits/<spk>.adapt)
 inits="scratch pretrained" # scratch | pretrained (PQM) | semi (PQM on pseudo-labels)
@@ -83,6 +84,9 @@ if [ $model = conformer ] && [ -n "$whisper_checkpoint" ]; then
 fi
 if [ "$stage" -gt "$stop_stage" ]; then log "--stage $stage is after --stop_stage $stop_stage"; exit 1; fi
 [[ "$jobs_per_gpu" =~ ^[1-9][0-9]*$ ]] || { log "--jobs_per_gpu must be a positive integer, not '$jobs_per_gpu'"; exit 1; }
+for list in noise_scp rir_scp; do  # not at stage 6, hours later
+  [ -n "${!list}" ] || { log "--$list is empty: give a list of '<id> <wav>' lines, demo or none"; exit 1; }
+done
 gpu_share=(); [ "$jobs_per_gpu" = 1 ] || gpu_share=(--jobs_per_gpu "$jobs_per_gpu")  # only launchers that share know it
 if [ -n "$tag" ]; then  # before any stage writes: pqm_ext.asr.layout is the one place that knows the names
   problem=$(python -c 'import sys; from pqm_ext.asr.layout import tag_problem; print(tag_problem(sys.argv[1], sys.argv[2:]) or "")' \
@@ -178,24 +182,28 @@ fi
 if run 6; then
   log "Stage 6: LoRA pretraining on $dump/pretrain -> $work/lora_pretrain"
   pretrain_configs=(conf/lora_trainer.yaml conf/$model/lora_pretrain.yaml); augment=
-  if [ "$noise_scp" = demo ] || [ "$rir_scp" = demo ]; then
-    python -m pqm_ext.bin.synth_noise_rir --out downloads/noise_rir --seed "$seed"
-  fi
-  [ "$noise_scp" = demo ] && noise_scp=downloads/noise_rir/noise.scp
-  [ "$rir_scp" = demo ] && rir_scp=downloads/noise_rir/rir.scp
-  [ "$noise_scp" = none ] || augment="--noise_scp $noise_scp"
-  [ "$rir_scp" = none ] || augment="$augment --rir_scp $rir_scp"
+  for list in noise_scp rir_scp; do
+    value=${!list}
+    case "$value" in
+      none) ;;
+      demo) python -m pqm_ext.bin.synth_noise_rir --out downloads/noise_rir  # made once, the same for every run
+            augment="$augment --$list downloads/noise_rir/${list%_scp}.scp" ;;
+      *) printf -v value '%q' "$value"; augment="$augment --$list $value" ;;
+    esac
+  done
   if [ -n "$augment" ]; then
-    log "multi-condition pretraining:$augment (conf/pretrain_augment.yaml)"
+    log "multi-condition pretraining:$augment (rates: conf/pretrain_augment.yaml)"
     pretrain_configs+=(conf/pretrain_augment.yaml)
   fi
   pretrain=(python -m pqm_ext.bin.train_adapter --model_dir $exp/$quant --train_config "${pretrain_configs[@]}"
             --train_data $dump/pretrain --valid_data $dump/dev --out $work/lora_pretrain --ngpu "$ngpu" --seed "$seed"
             --train_args "$augment $lora_args $pretrain_args")
   # an adapter made from other inputs (say --pretrain_args changed) is trained again; a current one is
-  # kept without overwriting its training log
+  # kept without overwriting its training log; bad input (status 2) stops here, before a job is submitted
   if "${pretrain[@]}" --check; then log "exists, made from the same inputs: skipping"
-  else ${cuda_cmd} --gpu "$ngpu" $work/lora_pretrain/train.log "${pretrain[@]}"
+  else
+    status=$?; [ $status -eq 1 ] || exit $status
+    ${cuda_cmd} --gpu "$ngpu" $work/lora_pretrain/train.log "${pretrain[@]}"
   fi
 fi
 

@@ -5,7 +5,7 @@ merged over the base model's ``config.yaml``; ESPnet's parser rejects unknown ke
 ``<out>/train`` and resumes from them when re-run; when training ends its trainer saves the adapter
 to ``<out>/adapter`` (atomically) with a record of what it was made from. An adapter made from the same
 inputs marks the unit of work as done; one made from other inputs (a changed option, a new base, another
-initial adapter, other data) is trained again.
+initial adapter, other data, other noise or RIR files: pqm_ext.asr.augment) is trained again.
 """
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ def training_plan(model_dir, train_config, train_data, valid_data, out_dir, *, i
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     train_configs = [train_config] if isinstance(train_config, (str, Path)) else list(train_config)
     base_conf, stage_conf = read_yaml(model_dir / "config.yaml"), merge_configs(train_configs, overrides)
+    for key in AUGMENT_LISTS:  # a base trained with noise keeps it to itself: only the stage's own options turn
+        if base_conf.get(key):  # augmentation on (stage 6, never stage 7); ESPnet writes null when there was none
+            base_conf[key] = None
     conf = merge_configs([base_conf, stage_conf])
     # The options of another optimiser or scheduler class than the base's do not belong to it (the base's
     # warmuplr warmup_steps would reach a step scheduler, or no scheduler at all): they come from the stage alone.
@@ -76,29 +79,16 @@ def training_plan(model_dir, train_config, train_data, valid_data, out_dir, *, i
         conf["bpemodel"] = bpemodel
     if init_adapter and not (Path(init_adapter) / WEIGHTS).is_file():
         raise InputError(Path(init_adapter) / WEIGHTS, "initial adapter not found (the pretrained LoRA: stage 6)")
-    lists = dict(conf, **_options_in(extra_args or [], AUGMENT_LISTS))  # ESPnet: the command line wins
     made_from = {"base": file_digest(model_dir / MODEL_FILE),
                  "config": {k: v for k, v in conf.items() if k != "ngpu"},  # the device does not change the adapter
                  "train_args": list(extra_args or []),
                  "init_adapter": file_digest(Path(init_adapter) / WEIGHTS) if init_adapter else None,
                  "train_data": files_digest(Path(train_data) / n for n in DATA_FILES),
                  "valid_data": files_digest(Path(valid_data) / n for n in DATA_FILES)}
-    augment = augment_record(lists)
+    augment = augment_record(conf, extra_args or [])
     if augment:  # absent when there is none, so adapters recorded before augmentation existed stay current
         made_from["augment"] = augment
     return conf, made_from
-
-
-def _options_in(args: List[str], names) -> Dict[str, str]:
-    """The last value given to each of ``--<name>`` in a command line (``--name value`` or ``--name=value``)."""
-    found = {}
-    for i, arg in enumerate(args):
-        for name in names:
-            if arg == f"--{name}" and i + 1 < len(args):
-                found[name] = args[i + 1]
-            elif arg.startswith(f"--{name}="):
-                found[name] = arg.split("=", 1)[1]
-    return found
 
 
 def is_current(out_dir, made_from: Dict) -> bool:

@@ -1,5 +1,6 @@
 """Synthesise the demo's noise and RIR lists (a stand-in for MUSAN and RIRS_NOISES), deterministic for a
-seed; skipped when OUT already holds them. Stage 6 gives them to ESPnet (``--noise_scp``, ``--rir_scp``).
+seed; skipped when OUT already holds them, refused when OUT holds anything else. Stage 6 gives them to
+ESPnet (``--noise_scp``, ``--rir_scp``).
 
 Usage:
     python -m pqm_ext.bin.synth_noise_rir --out downloads/noise_rir --seed 0

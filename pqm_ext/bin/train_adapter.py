@@ -2,8 +2,8 @@ r"""Stage 6: LoRA pretraining on the multi-speaker pool with the quantised base 
 
 Runs ESPnet's trainer (resumable: re-running continues from its checkpoint) and saves the adapter
 in peft's format to ``<out>/adapter``. An adapter made from the same inputs is kept; one made from
-other inputs (options, base, data) is trained again. ``--check`` only says which: exit status 0 if
-the adapter is current, 1 if training would run.
+other inputs (options, base, data, noise and RIR lists) is trained again. ``--check`` only says which: exit
+status 0 if the adapter is current, 1 if training would run, 2 on bad input (the error names the file).
 
 Usage:
     python -m pqm_ext.bin.train_adapter --model_dir exp/whisper/nf4 --train_config conf/lora_trainer.yaml conf/whisper/lora_pretrain.yaml \
@@ -12,11 +12,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 
 from pqm_ext.asr.train import is_current, train_adapter, training_plan
 from pqm_ext.utils.cli import entry_point
+from pqm_ext.utils.errors import InputError
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -39,9 +41,13 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
     if a.check:
-        _, made_from = training_plan(a.model_dir, a.train_config, a.train_data, a.valid_data, a.out,
-                                     init_adapter=a.init_adapter, ngpu=a.ngpu, seed=a.seed,
-                                     extra_args=shlex.split(a.train_args))
+        try:
+            _, made_from = training_plan(a.model_dir, a.train_config, a.train_data, a.valid_data, a.out,
+                                         init_adapter=a.init_adapter, ngpu=a.ngpu, seed=a.seed,
+                                         extra_args=shlex.split(a.train_args))
+        except InputError as e:  # not "would train": the caller must not submit a job that fails the same way
+            logging.error("%s", e)
+            sys.exit(2)
         sys.exit(0 if is_current(a.out, made_from) else 1)
     train_adapter(a.model_dir, a.train_config, a.train_data, a.valid_data, a.out, init_adapter=a.init_adapter,
                   ngpu=a.ngpu, seed=a.seed, info={"stage": "lora_pretrain", "train_data": a.train_data},

@@ -1,19 +1,20 @@
 """A small offline noise and room-impulse-response set, the demo's stand-in for MUSAN and RIRS_NOISES.
 
 ESPnet's ASR preprocessor adds noise and convolves RIRs on the fly when given ``--noise_scp`` and
-``--rir_scp`` (Kaldi-style lists, ``<id> <wav path>``). Stage 6 uses that to pretrain LoRA on the pool
+``--rir_scp`` (Kaldi-style lists, ``<id> <wav path>``). Stage 6 can use that to pretrain LoRA on the pool
 under many recording conditions (multi-condition training), so that the pretrained adapter has something
-to learn that the base, trained on the same pool, has not: the target speakers' channels are harsher
-than the pool's. Real corpora use real noise and RIR sets; this one is made with the demo's own
-generators (coloured noise and mains hum from numpy, RIRs as sox's reverb of a unit impulse), with
-parameters drawn from a seed, so it is the same on every machine.
+to learn that the base has not (the demo Conformer's base is trained on the pool itself), closer to the
+target speakers, whose channels are harsher than the pool's. Real corpora use real noise and RIR sets;
+this one is made with the demo's own generators (coloured noise and mains hum from numpy, RIRs as sox's
+reverb of an impulse), with parameters drawn from a seed: the same files for a seed and sox version.
 
 Output in ``out``: ``noise/*.wav``, ``rir/*.wav``, ``noise.scp``, ``rir.scp`` and ``.noise_rir_done.yaml``
-(the options), written last; built in a temporary directory and moved into place, so a killed run leaves
-nothing that looks finished.
+(the options), built in a temporary directory and moved into place, so a killed run leaves nothing that
+looks finished. An ``out`` holding anything else (another seed's set, a user's files) is refused, not replaced.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Tuple
@@ -23,9 +24,11 @@ import soundfile as sf
 import yaml
 
 from pqm_ext.demo.channel import NOISES, SAMPLE_RATE, make_noise, sox
+from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_dir
 
 MARKER = ".noise_rir_done.yaml"
+VERSION = 1  # bumped whenever a change to the generators changes the files for a seed
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class NoiseRirConfig:
     room_scale: Tuple[int, int] = (30, 100)    # sox reverb's room scale %, drawn uniformly
 
     def record(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return dict({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}, version=VERSION)
 
 
 def is_complete(out: Path, config: NoiseRirConfig) -> bool:
@@ -48,17 +51,23 @@ def is_complete(out: Path, config: NoiseRirConfig) -> bool:
 
 
 def synth_noise_rir(out, config: NoiseRirConfig = NoiseRirConfig()) -> Tuple[Path, Path]:
-    """Write the set to ``out`` (skipped if it holds one made with ``config``); return (noise.scp, rir.scp)."""
+    """Write the set to ``out`` (kept if it holds one made with ``config``); return (noise.scp, rir.scp)."""
     out = Path(out)
-    if not is_complete(out, config):
-        rng = np.random.default_rng(config.seed)
-        with atomic_dir(out, overwrite=True) as tmp:
-            noise_lines = [_write_noise(tmp, out, kind, i, config, rng)
-                           for kind in NOISES for i in range(config.noises_per_kind)]
-            rir_lines = [_write_rir(tmp, out, i, config, rng) for i in range(config.rirs)]
-            (tmp / "noise.scp").write_text("".join(noise_lines))
-            (tmp / "rir.scp").write_text("".join(rir_lines))
-            (tmp / MARKER).write_text(yaml.safe_dump(config.record()))
+    if is_complete(out, config):
+        return out / "noise.scp", out / "rir.scp"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(out, "holds something other than this noise and RIR set (another seed's or version's, "
+                              "or files not made here): remove it or choose another --out")
+    if shutil.which("sox") is None:
+        raise InputError(out, "making the demo noise and RIR set needs sox (Debian package sox)")
+    rng = np.random.default_rng(config.seed)
+    with atomic_dir(out, overwrite=True) as tmp:
+        noise_lines = [_write_noise(tmp, out, kind, i, config, rng)
+                       for kind in NOISES for i in range(config.noises_per_kind)]
+        rir_lines = [_write_rir(tmp, out, i, config, rng) for i in range(config.rirs)]
+        (tmp / "noise.scp").write_text("".join(noise_lines))
+        (tmp / "rir.scp").write_text("".join(rir_lines))
+        (tmp / MARKER).write_text(yaml.safe_dump(config.record()))
     return out / "noise.scp", out / "rir.scp"
 
 

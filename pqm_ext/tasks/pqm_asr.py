@@ -12,6 +12,8 @@ Training, checkpointing, resuming and
 For Whisper targets (``token_type: whisper_en``), the preprocessor writes the transcript as Whisper
 does (leading space, sentence case); ESPnet's Whisper token converter prefixes ``<|notimestamps|>``,
 so training matches the ``<|startoftranscript|><|notimestamps|>`` prompt ESPnet decodes with.
+With ESPnet's noise or RIR augmentation on (stage 6's ``--noise_scp``/``--rir_scp``), training speech is
+handed on mono, as it came in.
 
 Used by ``pqm_ext.asr.train`` (stages 6 and 7); directly, as ESPnet's ``asr_train`` is:
     python -c 'from pqm_ext.tasks.pqm_asr import PQMASRTask; PQMASRTask.main()' --config train.yaml \
@@ -58,8 +60,9 @@ class _WhisperTargets:
 
 
 class _MonoSpeech:
-    """Wrap a preprocessor: ESPnet's noise and RIR augmentation hands speech back as (time, 1), which the
-    Conformer's frontend reads as one microphone of an array and Whisper's encoder not at all; give (time,)."""
+    """Wrap a training preprocessor with noise or RIR lists: ESPnet then hands every utterance back as
+    (time, 1), augmented or not, which the Conformer's frontend reads as one microphone of an array and
+    Whisper's encoder not at all; give (time,). (pqm_ext.asr.augment admits mono noise and RIRs only.)"""
 
     def __init__(self, inner: Callable):
         self.inner = inner
@@ -68,7 +71,7 @@ class _MonoSpeech:
         data = self.inner(uid, data)
         speech = data.get("speech")
         if isinstance(speech, np.ndarray) and speech.ndim == 2 and speech.shape[1] == 1:
-            data["speech"] = speech[:, 0].astype(np.float32)
+            data["speech"] = speech[:, 0]
         return data
 
 
