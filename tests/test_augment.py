@@ -70,31 +70,30 @@ def test_a_directory_holding_anything_else_is_refused_not_replaced(noise_rir, tm
     assert (mine / "my_noise.wav").read_bytes() == b"RIFF"
 
 
-def test_a_bad_list_is_refused_naming_the_file_and_line(noise_rir, tmp_path):
-    good = noise_rir[0].read_text().splitlines()
-    bad = tmp_path / "noise.scp"
-    bad.write_text(f"{good[0]}\nmissing {tmp_path / 'nowhere.wav'}\n")
-    with pytest.raises(InputError, match=rf"^{_e(bad)}:2: cannot read {_e(tmp_path / 'nowhere.wav')} as audio"):
-        check_audio_list(bad)
+BAD_LISTS = [  # (lines after a good first one, the line refused, what the error says)
+    ([b"missing {d}/nowhere.wav"], 2, r"cannot read {d}/nowhere\.wav as audio"),
+    ([b"x {d}/text.wav"], 2, r"cannot read {d}/text\.wav as audio"),
+    ([b""], 2, "empty line"),
+    # stereo or another rate would be mixed in as it is (ESPnet neither downmixes nor resamples there)
+    ([b"s {d}/stereo.wav", b"n {d}/narrow.wav"], 2, r"{d}/stereo\.wav is 2 channel\(s\) at 16000 Hz"),
+    ([b"n {d}/narrow.wav"], 2, r"{d}/narrow\.wav is 1 channel\(s\) at 8000 Hz"),
+    ([b"x /tmp/caf\xe9.wav"], 2, "not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("lines, line_no, message", BAD_LISTS)
+def test_a_bad_list_is_refused_naming_the_file_and_line(noise_rir, tmp_path, lines, line_no, message):
     (tmp_path / "text.wav").write_text("not audio")
-    bad.write_text(f"x {tmp_path / 'text.wav'}\n")
-    with pytest.raises(InputError, match=rf"^{_e(bad)}:1: cannot read .*text\.wav as audio"):
-        check_audio_list(bad)
-    bad.write_text(f"{good[0]}\n\n")
-    with pytest.raises(InputError, match=rf"^{_e(bad)}:2: empty line"):
-        check_audio_list(bad)
-    # stereo or another rate would be mixed in as it is (ESPnet neither downmixes nor resamples here)
     sf.write(str(tmp_path / "stereo.wav"), np.zeros((1600, 2), np.float32), 16000)
     sf.write(str(tmp_path / "narrow.wav"), np.zeros(800, np.float32), 8000)
-    bad.write_text(f"{good[0]}\ns {tmp_path / 'stereo.wav'}\nn {tmp_path / 'narrow.wav'}\n")
-    with pytest.raises(InputError, match=rf"^{_e(bad)}:2: .*stereo\.wav is 2 channel\(s\) at 16000 Hz"):
+    bad = tmp_path / "noise.scp"
+    good = noise_rir[0].read_bytes().splitlines()[0]
+    bad.write_bytes(b"\n".join([good] + [x.replace(b"{d}", str(tmp_path).encode()) for x in lines]) + b"\n")
+    with pytest.raises(InputError, match=rf"^{_e(bad)}:{line_no}: " + message.replace("{d}", _e(tmp_path))):
         check_audio_list(bad)
-    bad.write_text(f"n {tmp_path / 'narrow.wav'}\n")
-    with pytest.raises(InputError, match=rf"^{_e(bad)}:1: .*narrow\.wav is 1 channel\(s\) at 8000 Hz"):
-        check_audio_list(bad)
-    bad.write_bytes(good[0].encode() + b"\nx /tmp/caf\xe9.wav\n")
-    with pytest.raises(InputError, match=rf"^{_e(bad)}:2: not UTF-8 text"):
-        check_audio_list(bad)
+
+
+def test_a_missing_list_is_named(tmp_path):
     with pytest.raises(InputError, match=rf"^{_e(tmp_path / 'none.scp')}: no such file"):
         augment_record({"rir_scp": str(tmp_path / "none.scp")})
 

@@ -9,6 +9,7 @@ the adapter again.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -25,11 +26,13 @@ _UNSET = object()
 def augment_lists(conf: Dict, extra_args: Sequence[str] = ()) -> Dict[str, List[str]]:
     """``{option: [list files]}`` that ESPnet will read: the config's, unless the command line sets the option
     (ESPnet's order), read by ESPnet's own parser (abbreviations, ``none`` for off); options left off absent."""
-    from pqm_ext.tasks.pqm_asr import PQMASRTask
+    given = argparse.Namespace(**{name: _UNSET for name in AUGMENT_LISTS})
+    if any(arg.startswith(("--noise", "--rir")) for arg in extra_args):  # else spare the import of ESPnet's task
+        from pqm_ext.tasks.pqm_asr import PQMASRTask
 
-    parser = PQMASRTask.get_parser()
-    parser.set_defaults(**{name: _UNSET for name in AUGMENT_LISTS})
-    given, _ = parser.parse_known_args(list(extra_args))
+        parser = PQMASRTask.get_parser()
+        parser.set_defaults(**vars(given))
+        given, _ = parser.parse_known_args(list(extra_args))
     found = {}
     for name in AUGMENT_LISTS:
         value = getattr(given, name)
