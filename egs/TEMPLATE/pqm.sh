@@ -182,12 +182,14 @@ fi
 if run 6; then
   log "Stage 6: LoRA pretraining on $dump/pretrain -> $work/lora_pretrain"
   pretrain_configs=(conf/lora_trainer.yaml conf/$model/lora_pretrain.yaml); augment=
+  if [ "$noise_scp" = demo ] || [ "$rir_scp" = demo ]; then  # made once, the same for every run and seed
+    python -m pqm_ext.bin.synth_noise_rir --out downloads/noise_rir
+  fi
   for list in noise_scp rir_scp; do
     value=${!list}
     case "$value" in
       none) ;;
-      demo) python -m pqm_ext.bin.synth_noise_rir --out downloads/noise_rir  # made once, the same for every run
-            augment="$augment --$list downloads/noise_rir/${list%_scp}.scp" ;;
+      demo) augment="$augment --$list downloads/noise_rir/${list%_scp}.scp" ;;
       *) printf -v value '%q' "$value"; augment="$augment --$list $value" ;;
     esac
   done
