@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import soundfile as sf
+from espnet2.utils.types import str_or_none
 
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.provenance import file_digest, lines_digest
@@ -37,8 +38,8 @@ def augment_lists(conf: Dict, extra_args: Sequence[str] = ()) -> Dict[str, List[
     for name in AUGMENT_LISTS:
         value = getattr(given, name)
         value = conf.get(name) if value is _UNSET else value
-        if isinstance(value, str) and value.strip().lower() in ("none", "null", "nil"):
-            value = None  # what ESPnet's str_or_none makes of it
+        if isinstance(value, str):
+            value = str_or_none(value)  # "none" in a config means off, as on ESPnet's command line
         if value:
             found[name] = [value] if isinstance(value, (str, Path)) else list(value)
     return found
