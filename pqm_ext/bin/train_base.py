@@ -11,6 +11,10 @@ The sentencepiece model travels into ``<out>`` too: ESPnet's config names it by 
 the recipe that trained it, and in another recipe that path may hold a different corpus' BPE model
 (same file name, other pieces), which would turn every transcript into the wrong token ids.
 
+The base records what it was made from (configs, token list, data, or the imported model's files): a re-run
+with the same inputs skips, one with other inputs is refused rather than retraining over hours of work
+(pqm_ext.asr.base_record).
+
 Usage:
     python -m pqm_ext.bin.train_base --config conf/conformer/model.yaml --train_config conf/conformer/train.yaml \
         --token_list data/token_list/bpe_unigram300/tokens.txt --bpemodel data/token_list/bpe_unigram300/bpe.model \
@@ -23,16 +27,19 @@ import logging
 import shlex
 import shutil
 from pathlib import Path
+from typing import Dict, Optional
 
 import torch
 import yaml
 
+from pqm_ext.asr.base_record import base_is_current, digest_or_none, write_base_record
 from pqm_ext.asr.config import dump_config, merge_configs, read_yaml
 from pqm_ext.asr.model_io import BPE_MODEL, FP_FORMAT, MODEL_FILE, file_format, save_fp_model
-from pqm_ext.asr.train import data_args
+from pqm_ext.asr.train import DATA_FILES, data_args
 from pqm_ext.quant import size_report, write_size_report
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_dir
+from pqm_ext.utils.provenance import files_digest
 from pqm_ext.utils.cli import entry_point
 
 MODEL_FILES = ("valid.acc.ave.pth", "valid.acc.best.pth", "valid.loss.ave.pth", "latest.pth")
@@ -123,7 +130,7 @@ def bundle_bpemodel(args: argparse.Namespace, config: Path, tmp: Path, out: Path
     args.bpemodel = str(out / BPE_MODEL)
 
 
-def export(train_dir: Path, out: Path) -> Path:
+def export(train_dir: Path, out: Path, made_from: Optional[Dict] = None) -> Path:
     """Build the model from ESPnet's config.yaml, load its best weights, write the base directory."""
     from pqm_ext.tasks.pqm_asr import PQMASRTask
 
@@ -142,14 +149,29 @@ def export(train_dir: Path, out: Path) -> Path:
         save_fp_model(model, tmp / MODEL_FILE, extra={"source": str(weights)})
         dump_config(args, tmp / "config.yaml")
         write_size_report(size_report(model, method="fp32", storage_dtype="float32"), tmp)
+        if made_from is not None:
+            write_base_record(tmp, made_from)
     logging.info("wrote %s from %s", out, weights)
     return out
 
 
-def train(a) -> Path:
+def train_dir_of(out) -> Path:
+    return Path(str(out) + "_train")
+
+
+def training_inputs(a) -> Dict:
+    """What a trained base is made from (ESPnet's trainer reads these; --ngpu and threads change no result)."""
+    return {"config": digest_or_none(a.config), "train_config": digest_or_none(a.train_config),
+            "token_list": digest_or_none(a.token_list), "bpemodel": digest_or_none(a.bpemodel),
+            "train_data": files_digest(Path(a.train_data) / n for n in DATA_FILES),
+            "valid_data": files_digest(Path(a.valid_data) / n for n in DATA_FILES),
+            "train_args": a.train_args, "seed": a.seed}
+
+
+def train(a, made_from: Dict) -> Path:
     from pqm_ext.tasks.pqm_asr import PQMASRTask
 
-    train_dir = Path(str(a.out) + "_train")
+    train_dir = train_dir_of(a.out)
     conf = merge_configs([a.config] + ([a.train_config] if a.train_config else []),
                          {"token_list": a.token_list, "bpemodel": a.bpemodel, "output_dir": str(train_dir),
                           "ngpu": a.ngpu, "seed": a.seed, "resume": True})
@@ -158,24 +180,31 @@ def train(a) -> Path:
     cmd = ["--config", str(train_dir / "train_input.yaml")] + data_args("train", a.train_data) \
         + data_args("valid", a.valid_data) + shlex.split(a.train_args)
     PQMASRTask.main(cmd=cmd)
-    return export(train_dir, Path(a.out))
+    return export(train_dir, Path(a.out), made_from)
 
 
 @entry_point
 def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
     torch.set_num_threads(a.num_threads)
-    if (Path(a.out) / MODEL_FILE).is_file():
-        logging.info("%s exists: skipping", a.out)
-    elif a.pretrained_model:
+    if a.pretrained_model:
         src = Path(a.pretrained_model)
         if not (src / "config.yaml").is_file():
             raise InputError(src / "config.yaml", "not an ESPnet model directory (config.yaml missing)")
         if "whisper" in str(read_yaml(src / "config.yaml").get("encoder", "")):
             raise InputError(src / "config.yaml", "a Whisper model: it is --model whisper's base, not a Conformer's")
-        export(src, Path(a.out))
+        made_from = {"pretrained_model": {"config": digest_or_none(src / "config.yaml"),
+                                          "model": digest_or_none(model_file_of(src))}}
+        if base_is_current(a.out, made_from):
+            logging.info("%s exists, made from the same inputs: skipping", a.out)
+        else:
+            export(src, Path(a.out), made_from)
     else:
-        train(a)
+        made_from = training_inputs(a)
+        if base_is_current(a.out, made_from, also_move=[train_dir_of(a.out)]):
+            logging.info("%s exists, made from the same inputs: skipping", a.out)
+        else:
+            train(a, made_from)
 
 
 if __name__ == "__main__":
