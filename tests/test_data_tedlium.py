@@ -1,15 +1,16 @@
 """egs/tedlium3_sa/local/data.sh on a synthesised TED-LIUM 3 tree: segments, held-out talks, splits,
 determinism and the bad inputs it must refuse without leaving a partial data dir."""
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from data_fixtures import (OUTPUTS, SPLIT_ARGS, assert_no_outputs, copy_tree, run_data_sh, tedlium_tree,  # noqa: F401
-                           tree_digest)
-from pqm_ext.data.kaldi_dir import validate_data_dir
-from pqm_ext.data.kaldi_dir import DataDir, Segment
+from data_fixtures import (OUTPUTS, REPO, SPLIT_ARGS, TINY, TINY_SEED, assert_no_outputs, copy_tree,  # noqa: F401
+                           run_data_sh, tedlium_tree, tree_digest)
+from pqm_ext.data.kaldi_dir import DataDir, Segment, read_data_dir, validate_data_dir
 from pqm_ext.data.tedlium import pad_segments
 from pqm_ext.data.text import normalise_tedlium
 
@@ -218,3 +219,32 @@ def test_segments_are_padded_like_kaldis_extend_segment_times():
         "d": Segment("t", 3.9, 5.1),
         "e": Segment("u", 0.85, 2.1),     # another recording: its own neighbours
     }
+
+
+def test_run_sh_pads_a_corpus_given_as_corpus_dir_but_not_its_own_demo(tmp_path, tedlium_tree):
+    """The synthesised talks' stm times already hold silence, so run.sh turns Kaldi's padding off for them;
+    a real TED-LIUM 3 given on the command line (``--corpus_dir``, not db.sh) must still be padded."""
+    recipe = tmp_path / "tedlium3_sa"
+    recipe.mkdir()
+    for name, target in [("run.sh", "egs/tedlium3_sa/run.sh"), ("pqm.sh", "egs/TEMPLATE/pqm.sh"),
+                         ("path.sh", "egs/TEMPLATE/path.sh"), ("cmd.sh", "egs/TEMPLATE/cmd.sh"),
+                         ("conf", "egs/TEMPLATE/conf"), ("utils", "utils"), ("local", "egs/tedlium3_sa/local")]:
+        (recipe / name).symlink_to(REPO / target)
+    (recipe / "db.sh").write_text("TEDLIUM3=\n")
+    tiny = " ".join(f"--{k} {v}" for k, v in TINY.items())  # the fixture's corpus: synthesis finds it complete
+    common = ["--stage", "1", "--stop_stage", "1", "--seed", str(TINY_SEED), "--data_opts", " ".join(SPLIT_ARGS)]
+    env = {k: v for k, v in os.environ.items() if k != "TEDLIUM3"}
+
+    def run(*args):
+        res = subprocess.run(["./run.sh", *common, *args], cwd=recipe, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    run("--demo_dir", str(tedlium_tree), "--demo_opts", tiny, "--datadir", "demo_data")
+    run("--corpus_dir", str(tedlium_tree), "--datadir", "real_data")
+    stm = {(talk, round(start, 2)) for subset in ("train", "dev", "test")
+           for talk, rows in stm_segments(tedlium_tree, subset).items() for start, _, _ in rows}
+    demo, real = (read_data_dir(recipe / d / "sa_adapt") for d in ("demo_data", "real_data"))
+    assert demo.segments.keys() == real.segments.keys()
+    assert {(s.recording, round(s.start, 2)) for s in demo.segments.values()} <= stm  # as the stm gives them
+    assert all(real.segments[u].start < s.start or s.start == 0 for u, s in demo.segments.items())  # padded

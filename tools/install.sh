@@ -14,6 +14,8 @@ log() { echo "$(date '+%Y-%m-%d %H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[
 
 apt_packages=(sox libsox-fmt-all flac flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
               espeak-ng fortunes-min fortunes)
+# Debian's own python3 makes a venv only with ensurepip, which is in python3-venv (a pyenv or conda Python has it)
+"$python" -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -25,6 +25,7 @@ corpus_dir=                # the real corpus (run.sh: from db.sh, which also pic
 demo_dir=                  # where the demo corpus is made (default: downloads/demo; conformer: downloads/demo_3h)
 demo_opts=                 # options of python -m pqm_ext.bin.synth_demo_corpus
 data_opts=                 # options of local/data.sh
+demo_data_opts=            # ... only when the demo corpus is synthesised, before data_opts (what its layout needs)
 datadir=                   # Kaldi data dirs (default: data; the conformer demo: data_3h)
 dumpdir=                   # formatted data dirs go to <dumpdir>/raw (default: dump; the conformer demo: dump_3h)
 audio_format=wav           # stage 2's audio files: wav | flac (about half the disk; ESPnet's default)
@@ -66,7 +67,8 @@ adapt_args=                # ... for stage 7 only, after lora_args
 asr_args=                  # extra ESPnet trainer options for the Conformer base (stage 4)
 
 help_message="Usage: $0 [options]  (see the comments at the top of egs/TEMPLATE/pqm.sh)"
-options="stage stop_stage nj ngpu jobs_per_gpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts datadir dumpdir
+options="stage stop_stage nj ngpu jobs_per_gpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts demo_data_opts
+         datadir dumpdir
          audio_format min_wav_duration max_wav_duration model_config whisper_checkpoint pretrained_model
          base_train_config nbpe quant baselines nutts inits pseudo_labels valid_fraction decode_config mixed_batch
          fold_adapters lora_args pretrain_args adapt_args asr_args tag noise_scp rir_scp"
@@ -126,8 +128,10 @@ if run 1; then
     python -m pqm_ext.bin.synth_demo_corpus --layout "$corpus_layout" --out "$demo_dir" --seed "$seed" \
       --nj "$nj" $demo_opts
     corpus_dir=$demo_dir
+  else
+    demo_data_opts=  # a real corpus (db.sh or --corpus_dir) gets local/data.sh's own defaults
   fi
-  local/data.sh --corpus "$corpus_dir" --data_dir "$datadir" --seed "$seed" $data_opts
+  local/data.sh --corpus "$corpus_dir" --data_dir "$datadir" --seed "$seed" $demo_data_opts $data_opts
 fi
 
 if run 2; then

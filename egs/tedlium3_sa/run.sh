@@ -9,7 +9,8 @@ if [ -n "$TEDLIUM3" ]; then   # the paper's sizes (its models: README, Real corp
   sizes=(--data_opts "--num_target_speakers 20 --max_adapt 100 --num_test 20" --nutts "5 10 20 30 50 100")
 else                          # the demo corpus: 12 target talks, 20 adaptation + 15 test segments each
   # (its stm times already hold 0.1 s of silence each side: no more padding; 1-3 h of pool audio: a small BPE vocabulary)
-  sizes=(--data_opts "--num_target_speakers 12 --max_adapt 20 --num_test 15 --segment_padding 0,0" --nutts "5 10 20" --nbpe 100)
+  sizes=(--data_opts "--num_target_speakers 12 --max_adapt 20 --num_test 15" --nutts "5 10 20" --nbpe 100
+         --demo_data_opts "--segment_padding 0,0")  # only for the synthesised corpus, not one given as --corpus_dir
 fi
 
 ./pqm.sh --corpus tedlium3_sa --corpus_layout tedlium3 --corpus_dir "$TEDLIUM3" "${sizes[@]}" "$@"
