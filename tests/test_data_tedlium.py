@@ -231,6 +231,7 @@ def test_run_sh_pads_a_corpus_given_as_corpus_dir_but_not_its_own_demo(tmp_path,
                          ("conf", "egs/TEMPLATE/conf"), ("utils", "utils"), ("local", "egs/tedlium3_sa/local")]:
         (recipe / name).symlink_to(REPO / target)
     (recipe / "db.sh").write_text("TEDLIUM3=\n")
+    corpus = copy_tree(tedlium_tree, tmp_path / "corpus")
     tiny = " ".join(f"--{k} {v}" for k, v in TINY.items())  # the fixture's corpus: synthesis finds it complete
     common = ["--stage", "1", "--stop_stage", "1", "--seed", str(TINY_SEED), "--data_opts", " ".join(SPLIT_ARGS)]
     env = {k: v for k, v in os.environ.items() if k != "TEDLIUM3"}
@@ -240,10 +241,12 @@ def test_run_sh_pads_a_corpus_given_as_corpus_dir_but_not_its_own_demo(tmp_path,
                              timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
 
-    run("--demo_dir", str(tedlium_tree), "--demo_opts", tiny, "--datadir", "demo_data")
-    run("--corpus_dir", str(tedlium_tree), "--datadir", "real_data")
+    before = tree_digest(corpus)
+    run("--demo_dir", str(corpus), "--demo_opts", tiny, "--datadir", "demo_data")
+    assert tree_digest(corpus) == before  # not synthesised again
+    run("--corpus_dir", str(corpus), "--datadir", "real_data")
     stm = {(talk, round(start, 2)) for subset in ("train", "dev", "test")
-           for talk, rows in stm_segments(tedlium_tree, subset).items() for start, _, _ in rows}
+           for talk, rows in stm_segments(corpus, subset).items() for start, _, _ in rows}
     demo, real = (read_data_dir(recipe / d / "sa_adapt") for d in ("demo_data", "real_data"))
     assert demo.segments.keys() == real.segments.keys()
     assert {(s.recording, round(s.start, 2)) for s in demo.segments.values()} <= stm  # as the stm gives them

@@ -108,6 +108,7 @@ def test_rerun_of_finished_stages_redoes_nothing(recipe):
     assert res.returncode == 0
     assert outputs(recipe) == before
     assert "exists: skipping" in res.stderr
+    assert "exp/whisper/base exists, made from the same inputs: skipping" in res.stderr
 
 
 def test_stage_4_refuses_another_checkpoint_for_the_base_it_has(recipe, tmp_path):

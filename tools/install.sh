@@ -14,8 +14,9 @@ log() { echo "$(date '+%Y-%m-%d %H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[
 
 apt_packages=(sox libsox-fmt-all flac flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
               espeak-ng fortunes-min fortunes)
-# Debian's own python3 makes a venv only with ensurepip, which is in python3-venv (a pyenv or conda Python has it)
-"$python" -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
+# Debian's own Pythons make a venv only with ensurepip, in python3.X-venv (a pyenv or conda Python has it)
+"$python" -c "import ensurepip" 2>/dev/null ||
+  apt_packages+=("$("$python" -c 'import sys; print("python%d.%d-venv" % sys.version_info[:2])')")
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

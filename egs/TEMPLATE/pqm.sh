@@ -2,8 +2,8 @@
 # The PQM stages shared by every recipe (ESPnet's asr.sh in spirit): a recipe's run.sh sets the
 # corpus options and calls this script with "$@". Every stage calls a `python -m pqm_ext.bin.<step>`
 # entry point; a unit of work made from the same inputs is skipped and one made from other inputs is made
-# again, so a re-run continues (stage 1 refuses data prepared with other options; stages 3 and 4 keep an
-# existing token list and base).
+# again, so a re-run continues (stage 1 refuses data prepared with other options; stage 3 keeps an existing
+# token list; stage 4 keeps a base made from the same inputs and refuses to replace one made from others).
 #   1 data prep (offline demo corpus when no corpus path is set)   5 quantisation + size report
 #   2 format + validate data dirs                                  6 LoRA pretraining (multi-speaker pool)
 #   3 token list                                                   7 speaker adaptive training (per speaker)

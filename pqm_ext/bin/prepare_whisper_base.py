@@ -17,13 +17,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from pqm_ext.asr.base_record import base_is_current, digest_or_none, write_base_record
+from pqm_ext.asr.base_record import base_is_current, config_digest, input_file, write_base_record
 from pqm_ext.asr.config import dump_config, merge_configs, parse_task_args
 from pqm_ext.asr.model_io import MODEL_FILE, save_fp_model
 from pqm_ext.models.ct2_whisper import bundled_tiny_en_dir, ct2_to_whisper_checkpoint
 from pqm_ext.models.whisper import load_whisper_checkpoint, read_whisper_checkpoint
 from pqm_ext.quant import size_report, write_size_report
 from pqm_ext.utils.errors import InputError
+from pqm_ext.utils.provenance import file_digest
 from pqm_ext.utils.fileio import atomic_dir
 from pqm_ext.utils.cli import entry_point
 
@@ -40,12 +41,12 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def prepare_whisper_base(config: str, token_list: str, out: str, checkpoint: str = "") -> Path:
-    if checkpoint and not Path(checkpoint).is_file():  # before the record, which would only say "changed"
+    if checkpoint and not Path(checkpoint).is_file():
         raise InputError(checkpoint, "Whisper checkpoint not found")
-    made_from = {"checkpoint": digest_or_none(checkpoint) if checkpoint else BUNDLED, "config": digest_or_none(config),
-                 "token_list": digest_or_none(token_list)}
+    made_from = {"checkpoint": file_digest(checkpoint) if checkpoint else BUNDLED, "config": config_digest(config),
+                 "token_list": file_digest(input_file(token_list, "token list"))}
     out = Path(out)
-    if base_is_current(out, made_from):
+    if base_is_current(out, made_from, unrecorded_ok=not checkpoint):  # an old base may not be that checkpoint
         logging.info("%s exists, made from the same inputs: skipping", out)
         return out
     from pqm_ext.tasks.pqm_asr import PQMASRTask

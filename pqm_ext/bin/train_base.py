@@ -11,8 +11,9 @@ The sentencepiece model travels into ``<out>`` too: ESPnet's config names it by 
 the recipe that trained it, and in another recipe that path may hold a different corpus' BPE model
 (same file name, other pieces), which would turn every transcript into the wrong token ids.
 
-The base records what it was made from (configs, token list, data, or the imported model's files): a re-run
-with the same inputs skips, one with other inputs is refused rather than retraining over hours of work
+The base records what it was made from (configs, token list, the pool's text, or the imported model's
+files): a re-run with the same inputs skips, one with other inputs is refused rather than retraining over
+hours of work, and an interrupted training is resumed only with the inputs it was started with
 (pqm_ext.asr.base_record).
 
 Usage:
@@ -32,14 +33,15 @@ from typing import Dict, Optional
 import torch
 import yaml
 
-from pqm_ext.asr.base_record import base_is_current, digest_or_none, write_base_record
+from pqm_ext.asr.base_record import (base_is_current, check_resumed_training, config_digest, data_digest, input_file,
+                                     write_base_record)
 from pqm_ext.asr.config import dump_config, merge_configs, read_yaml
 from pqm_ext.asr.model_io import BPE_MODEL, FP_FORMAT, MODEL_FILE, file_format, save_fp_model
-from pqm_ext.asr.train import DATA_FILES, data_args
+from pqm_ext.asr.train import data_args
 from pqm_ext.quant import size_report, write_size_report
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_dir
-from pqm_ext.utils.provenance import files_digest
+from pqm_ext.utils.provenance import file_digest
 from pqm_ext.utils.cli import entry_point
 
 MODEL_FILES = ("valid.acc.ave.pth", "valid.acc.best.pth", "valid.loss.ave.pth", "latest.pth")
@@ -160,18 +162,19 @@ def train_dir_of(out) -> Path:
 
 
 def training_inputs(a) -> Dict:
-    """What a trained base is made from (ESPnet's trainer reads these; --ngpu and threads change no result)."""
-    return {"config": digest_or_none(a.config), "train_config": digest_or_none(a.train_config),
-            "token_list": digest_or_none(a.token_list), "bpemodel": digest_or_none(a.bpemodel),
-            "train_data": files_digest(Path(a.train_data) / n for n in DATA_FILES),
-            "valid_data": files_digest(Path(a.valid_data) / n for n in DATA_FILES),
-            "train_args": a.train_args, "seed": a.seed}
+    """What a trained base is made from. Left out: --ngpu and threads (they change no result), and ESPnet
+    trainer options (--train_args), which are how a training is extended or finished (--max_epoch)."""
+    return {"config": config_digest(a.config), "train_config": config_digest(a.train_config) if a.train_config else None,
+            "token_list": file_digest(input_file(a.token_list, "token list")),
+            "bpemodel": file_digest(a.bpemodel) if a.bpemodel and Path(a.bpemodel).is_file() else None,
+            "train_data": data_digest(a.train_data), "valid_data": data_digest(a.valid_data), "seed": a.seed}
 
 
 def train(a, made_from: Dict) -> Path:
     from pqm_ext.tasks.pqm_asr import PQMASRTask
 
     train_dir = train_dir_of(a.out)
+    check_resumed_training(train_dir, made_from)
     conf = merge_configs([a.config] + ([a.train_config] if a.train_config else []),
                          {"token_list": a.token_list, "bpemodel": a.bpemodel, "output_dir": str(train_dir),
                           "ngpu": a.ngpu, "seed": a.seed, "resume": True})
@@ -193,9 +196,9 @@ def main(argv=None) -> None:
             raise InputError(src / "config.yaml", "not an ESPnet model directory (config.yaml missing)")
         if "whisper" in str(read_yaml(src / "config.yaml").get("encoder", "")):
             raise InputError(src / "config.yaml", "a Whisper model: it is --model whisper's base, not a Conformer's")
-        made_from = {"pretrained_model": {"config": digest_or_none(src / "config.yaml"),
-                                          "model": digest_or_none(model_file_of(src))}}
-        if base_is_current(a.out, made_from):
+        made_from = {"pretrained_model": {"config": config_digest(src / "config.yaml"),
+                                          "model": file_digest(model_file_of(src))}}
+        if base_is_current(a.out, made_from, unrecorded_ok=False):
             logging.info("%s exists, made from the same inputs: skipping", a.out)
         else:
             export(src, Path(a.out), made_from)
