@@ -21,7 +21,7 @@ from typing import Dict, Iterable
 from pqm_ext.asr.model_io import MODEL_FILE
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import write_text_atomic
-from pqm_ext.utils.provenance import MAX_SHOWN, canonical, changes, file_digest, lines_digest, read_record
+from pqm_ext.utils.provenance import canonical, described_changes, file_digest, lines_digest, read_record
 
 logger = logging.getLogger(__name__)
 MADE_FROM = "made_from.json"
@@ -47,12 +47,6 @@ def data_digest(data_dir) -> Dict[str, str]:
     return {name: file_digest(input_file(Path(data_dir) / name, "data dir file")) for name in DATA_CONTENT}
 
 
-def _differences(recorded: Dict, wanted: Dict) -> str:
-    diff = changes(recorded, wanted)
-    more = f" (and {len(diff) - MAX_SHOWN} more)" if len(diff) > MAX_SHOWN else ""
-    return "; ".join(diff[:MAX_SHOWN]) + more
-
-
 def base_is_current(out, wanted: Dict, *, also_move: Iterable = (), unrecorded_ok: bool = True) -> bool:
     """False if ``out`` holds no base; True if it holds one made from ``wanted``; otherwise an InputError naming
     what differs and what to move away. A base from before records is kept (with a warning) only where
@@ -71,7 +65,7 @@ def base_is_current(out, wanted: Dict, *, also_move: Iterable = (), unrecorded_o
     if canonical(recorded) == canonical(wanted):
         return True
     raise InputError(out / MADE_FROM, f"this base was made from other inputs than this run asks for "
-                                      f"({_differences(recorded, wanted)}). Stage 4 does not replace a base: move "
+                                      f"({described_changes(recorded, wanted)}). Stage 4 does not replace a base: move "
                                       f"{move} away to make a new one, or run with the options it was made with")
 
 
@@ -82,7 +76,7 @@ def check_resumed_training(train_dir, wanted: Dict) -> None:
     recorded = read_record(train_dir / MADE_FROM)
     if (train_dir / "checkpoint.pth").exists() and recorded is not None and canonical(recorded) != canonical(wanted):
         raise InputError(train_dir / MADE_FROM, f"an interrupted training of other inputs is here "
-                                                f"({_differences(recorded, wanted)}): move {train_dir} away to "
+                                                f"({described_changes(recorded, wanted)}): move {train_dir} away to "
                                                 f"train from the start, or run with the options it was started with")
     train_dir.mkdir(parents=True, exist_ok=True)
     write_base_record(train_dir, wanted)

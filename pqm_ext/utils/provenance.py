@@ -75,6 +75,13 @@ def changes(old: Dict, new: Dict) -> List[str]:
             for k in sorted(set(a) | set(b)) if a.get(k, "(none)") != b.get(k, "(none)")]
 
 
+def described_changes(old: Dict, new: Dict) -> str:
+    """The first changed keys, ``key: old -> new; ...``, and how many more there are."""
+    diff = changes(old, new)
+    more = f" (and {len(diff) - MAX_SHOWN} more)" if len(diff) > MAX_SHOWN else ""
+    return "; ".join(diff[:MAX_SHOWN]) + more
+
+
 def _short(value: Any, limit: int = 60) -> str:
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -91,7 +98,5 @@ def reusable(recorded: Optional[Dict], wanted: Dict, what) -> bool:
     if recorded is None:
         logger.warning("%s: no record of what it was made from (an older version made it): making it again", what)
     else:
-        diff = changes(recorded, wanted)
-        more = f" (and {len(diff) - MAX_SHOWN} more)" if len(diff) > MAX_SHOWN else ""
-        logger.warning("%s was made from other inputs, making it again: %s%s", what, "; ".join(diff[:MAX_SHOWN]), more)
+        logger.warning("%s was made from other inputs, making it again: %s", what, described_changes(recorded, wanted))
     return False
