@@ -6,14 +6,16 @@ import copy
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 from lora_helpers import one_adapter_at_a_time
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Conv1d as LoraConv1d
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-from pqm_ext.lora import AdapterConfig, adapter_num_params, add_adapter, load_adapter, save_adapter
-from pqm_ext.lora.mixed import MixedAdapters, folded
+from pqm_ext.lora import AdapterConfig, adapter_num_params, add_adapter, load_adapter, read_adapter, save_adapter
+from pqm_ext.lora.batchnorm import put_statistics
+from pqm_ext.lora.mixed import MixedAdapters, folded, load_adapters
 from pqm_ext.lora.quant_conv import LoraQuantConv1d
 from pqm_ext.patterns import any_match
 from pqm_ext.quant import QuantConfig, load_quantized, quantize_model, save_quantized
@@ -291,34 +293,133 @@ def test_save_load_round_trip_and_refusals(nf4_dir, load_base, other_nf4_file, r
 
 
 # --------------------------------------------------------------------------- BatchNorm
-@pytest.mark.parametrize("freeze", [True, False])
-def test_batchnorm_statistics_and_reloaded_adapter(freeze, nf4_dir, load_base, random_batch, tmp_path):
-    """Frozen BN: running statistics stay the base's, so the saved adapter reproduces the trained model.
-    Not frozen (the control): training moves them and the reloaded adapter no longer matches."""
+def _bn_stats(model):
+    return [(bn.running_mean.clone(), bn.running_var.clone()) for bn in model.modules()
+            if isinstance(bn, torch.nn.BatchNorm1d)]
+
+
+def _same_stats(a, b):
+    return [torch.equal(m1, m2) and torch.equal(v1, v2) for (m1, v1), (m2, v2) in zip(a, b)]
+
+
+@pytest.mark.parametrize("mode", ["frozen", "speaker"])
+def test_batchnorm_statistics_and_reloaded_adapter(mode, nf4_dir, load_base, random_batch, tmp_path):
+    """Frozen: the running statistics stay the base's. Speaker: training moves them and they are saved with
+    the adapter. Either way the reloaded adapter reproduces the trained model exactly; without its
+    statistics (the control) a speaker adapter does not."""
     base_file = nf4_dir / "model.safetensors"
-    cfg = AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules, freeze_batchnorm=freeze)
+    cfg = AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules, batchnorm=mode)
     model = load_base(base_file)
+    base_stats = _bn_stats(model)
+    assert len(base_stats) == 2  # one per Conformer convolution module
     add_adapter(model, cfg)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
-    assert len(bns) == 2  # one per Conformer convolution module
-    stats = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bns]
     batch = random_batch(seed=13)
     model.train()
     with torch.no_grad():
         model(*batch)
-    moved = [not (torch.equal(m, bn.running_mean) and torch.equal(v, bn.running_var)) for (m, v), bn in zip(stats, bns)]
-    assert moved == [not freeze] * 2
-    assert all(bn.weight.requires_grad is False for bn in bns)
+    assert _same_stats(_bn_stats(model), base_stats) == [mode == "frozen"] * 2
+    assert all(not bn.weight.requires_grad for bn in model.modules() if isinstance(bn, torch.nn.BatchNorm1d))
 
     train_steps(model, batch)
     ref = outputs(model, batch)
-    save_adapter(model, tmp_path / "a", cfg)
+    out = save_adapter(model, tmp_path / "a", cfg)
+    tensors, _ = read_adapter(out)
+    assert sorted(k for k in tensors if k.startswith("pqm_batchnorm.")) == (sorted(
+        f"pqm_batchnorm.encoder.encoders.{i}.conv_module.norm.{s}" for i in range(2)
+        for s in ("running_mean", "running_var")) if mode == "speaker" else [])
     fresh = load_base(base_file)
     add_adapter(fresh, cfg)
-    load_adapter(fresh, tmp_path / "a")
+    load_adapter(fresh, out)
     got = outputs(fresh, batch)
-    same = torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-    assert same is freeze
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    if mode == "speaker":
+        put_statistics(fresh, None)  # the control: the same LoRA weights with the base's statistics
+        assert not torch.allclose(outputs(fresh, batch)[0], ref[0], atol=1e-4)
+
+
+def test_speaker_statistics_do_not_outlive_their_speaker(nf4_dir, load_base, random_batch, tmp_path):
+    """One recogniser decodes speaker after speaker: loading an adapter without statistics puts the
+    base's back; statistics that do not fit the model are refused, naming the file."""
+    base_file = nf4_dir / "model.safetensors"
+    speaker = AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules, batchnorm="speaker")
+    frozen = AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules)
+    batch = random_batch(seed=15)
+    dirs = {}
+    for name, cfg in [("spk", speaker), ("frz", frozen)]:
+        m = load_base(base_file)
+        add_adapter(m, cfg)
+        train_steps(m, batch)
+        dirs[name] = save_adapter(m, tmp_path / name, cfg)
+    model = load_base(base_file)
+    base_stats = _bn_stats(model)
+    add_adapter(model, frozen)
+    load_adapter(model, dirs["spk"])  # the LoRA shapes are the same; the statistics come along
+    assert _same_stats(_bn_stats(model), base_stats) == [False, False]
+    load_adapter(model, dirs["frz"])
+    assert _same_stats(_bn_stats(model), base_stats) == [True, True]
+
+    tensors, meta = read_adapter(dirs["spk"])
+    key = "pqm_batchnorm.encoder.encoders.0.conv_module.norm.running_var"
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, str(dirs["spk"] / "adapter_model.safetensors"), metadata=meta)
+    with pytest.raises(InputError, match="running_var: shape") as err:
+        load_adapter(model, dirs["spk"])
+    assert str(dirs["spk"]) in str(err.value)
+    assert _same_stats(_bn_stats(model), base_stats) == [True, True]
+
+
+def test_legacy_freeze_batchnorm_option():
+    """Adapters saved before ``batchnorm`` record freeze_batchnorm: true, which still loads."""
+    conf = {"target_modules": ["linear_q"], "freeze_batchnorm": True}
+    assert AdapterConfig.from_dict(conf).batchnorm == "frozen"
+    with pytest.raises(ValueError, match="batchnorm: speaker"):
+        AdapterConfig.from_dict(dict(conf, freeze_batchnorm=False))
+    with pytest.raises(ValueError, match="batchnorm must be one of"):
+        AdapterConfig(target_modules=["linear_q"], batchnorm="train")
+
+
+@pytest.mark.parametrize("impl", ["batched", "peft"])
+def test_mixed_batch_rows_use_their_speakers_statistics(impl, nf4_dir, load_base, random_batch, tmp_path):
+    """In a mixed batch, each row is normalised with its own speaker's BatchNorm statistics (the base's for
+    a row without adapter or with a frozen-BatchNorm adapter): the encoder output of every row equals that
+    speaker decoded alone."""
+    base_file = nf4_dir / "model.safetensors"
+    configs = {"a": AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules, batchnorm="speaker"),
+               "b": AdapterConfig(rank=2, alpha=4.0, target_modules=ADAPTER.target_modules, batchnorm="speaker"),
+               "c": AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules)}
+    dirs = {}
+    for seed, (name, cfg) in enumerate(configs.items()):
+        m = load_base(base_file)
+        add_adapter(m, cfg)
+        train_steps(m, random_batch(seed=20 + seed), lr=0.05)
+        dirs[name] = save_adapter(m, tmp_path / name, cfg)
+
+    model = load_base(base_file)
+    mixed = load_adapters(model, dirs, impl=impl)
+    assert set(mixed.statistics) == {"a", "b"}
+    model.eval()
+    speech, lengths = random_batch(seed=30, n=1)[:2]
+    x = speech.repeat(4, 1)
+    names = ["b", None, "a", "c"]
+    with torch.no_grad():
+        with mixed.rows(names):
+            got = model.encode(x, lengths.repeat(4))[0]
+        want = []
+        for n in names:
+            single = load_base(base_file)
+            if n is not None:
+                add_adapter(single, configs[n])
+                load_adapter(single, dirs[n])
+            single.eval()
+            want.append(single.encode(speech, lengths)[0])
+    for i, w in enumerate(want):
+        torch.testing.assert_close(got[i:i + 1], w, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(want[0], want[2], atol=1e-3)
+    base_stats = _bn_stats(load_base(base_file))
+    mixed.use("a")  # one speaker at a time: the model holds that speaker's statistics, or the base's
+    assert _same_stats(_bn_stats(model), base_stats) == [False, False]
+    mixed.use("c")
+    assert _same_stats(_bn_stats(model), base_stats) == [True, True]
 
 
 @pytest.mark.slow

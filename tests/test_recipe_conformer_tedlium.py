@@ -185,7 +185,8 @@ def test_early_stopping_holds_out_the_last_utterances_and_keeps_the_best_epoch(r
     has the lowest loss depends on the machine's floating point. So the test asks for a criterion whose best
     epoch is known in advance, the learning rate, with a schedule that switches it from tiny (epoch 1) to
     large: epoch 1 is the best, and its adapter differs from the last one's. The step scheduler also checks
-    that the stage's scheduler does not inherit the base's warmuplr options."""
+    that the stage's scheduler does not inherit the base's warmuplr options. The adapter keeps the speaker's
+    BatchNorm statistics (``--lora_conf batchnorm=speaker``): those of the best epoch too."""
     import torch
     from pqm_ext.asr.config import read_yaml
     from pqm_ext.lora.io import read_adapter
@@ -204,7 +205,8 @@ def test_early_stopping_holds_out_the_last_utterances_and_keeps_the_best_epoch(r
         [sys.executable, "-m", "pqm_ext.bin.adapt_speakers", "--exp_dir", str(exp), "--data", "dump/raw/sa_adapt",
          "--splits", "data/sa_splits", "--speakers", spk, "--nutts", "4", "--inits", "pretrained",
          "--config", f"pretrained=conf/lora_trainer.yaml,conf/conformer/adapt_pretrained.yaml,{by_lr}",
-         "--train_args", "--max_epoch 3 --batch_size 1 --optim_conf lr=0.000000003", "--valid_fraction", "0.5",
+         "--train_args", "--max_epoch 3 --batch_size 1 --optim_conf lr=0.000000003 --lora_conf batchnorm=speaker",
+         "--valid_fraction", "0.5",
          "--keep_checkpoints"],
         cwd=recipe, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -222,12 +224,19 @@ def test_early_stopping_holds_out_the_last_utterances_and_keeps_the_best_epoch(r
     assert (info["epochs"], info["max_epoch"], info["trained_on"], info["held_out"]) == (1, 3, 2, 2)
 
     def same_as(checkpoint: str) -> dict:
-        """Adapter tensor -> equal to its twin in an ESPnet epoch file (which names the peft adapter 'default')?"""
+        """Adapter tensor -> equal to its twin in an ESPnet epoch file (which names the peft adapter 'default'
+        and keeps BatchNorm statistics under the layer's own name)?"""
         state = torch.load(out / "train" / checkpoint, map_location="cpu")
-        return {key: torch.equal(value, state[re.sub(r"\.lora_([AB])\.", r".lora_\1.default.", key)].to(value.dtype))
-                for key, value in tensors.items()}
+        twin = {key: re.sub(r"\.lora_([AB])\.", r".lora_\1.default.", key.removeprefix("pqm_batchnorm."))
+                for key in tensors}
+        return {key: torch.equal(value, state[twin[key]].to(value.dtype)) for key, value in tensors.items()}
 
-    assert not all(same_as("latest.pth").values())  # not the last epoch's adapter...
+    blocks = yaml.safe_load((recipe / "exp/conformer/base/config.yaml").read_text())["encoder_conf"]["num_blocks"]
+    assert sum(key.startswith("pqm_batchnorm.") for key in tensors) == 2 * blocks  # running mean and variance
+
+    latest = same_as("latest.pth")
+    assert not any(v for k, v in latest.items() if k.startswith("pqm_batchnorm."))  # not the last epoch's...
+    assert not all(latest.values())
     assert all(same_as("train.optim0_lr0.best.pth").values())  # ...but the best one's, tensor for tensor
 
 

@@ -71,6 +71,7 @@ def decode_timing(decode_dir: Path, speakers: Sequence[str]) -> Dict:
 
 
 def adapter_params(adapter_dir: Path) -> int:
+    """Every value a speaker's adapter file stores: LoRA weights, and BatchNorm statistics if it has them."""
     return sum(t.numel() for t in load_file(str(adapter_dir / "adapter_model.safetensors")).values())
 
 

@@ -1,6 +1,7 @@
 """LoRA speaker adapters (peft) on quantised ESPnet models."""
 from pqm_ext.lora.config import AdapterConfig
-from pqm_ext.lora.inject import adapter_num_params, add_adapter, freeze_batchnorm, target_layers
+from pqm_ext.lora.batchnorm import freeze_batchnorm
+from pqm_ext.lora.inject import adapter_num_params, add_adapter, target_layers
 from pqm_ext.lora.io import adapter_config_of, load_adapter, read_adapter, save_adapter
 
 __all__ = ["AdapterConfig", "add_adapter", "adapter_num_params", "freeze_batchnorm", "target_layers",

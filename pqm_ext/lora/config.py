@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from pqm_ext.lora.batchnorm import MODES as BATCHNORM_MODES
 from pqm_ext.utils.options import dataclass_from_dict
 
 
@@ -15,16 +16,17 @@ class AdapterConfig:
     rank/alpha/dropout: LoRA's r, scaling numerator (scale = alpha / rank) and input dropout.
     target_modules: module-name patterns (globs on dot boundaries, see ``pqm_ext.patterns``);
                     matching no layer is an error.
-    freeze_batchnorm: keep BatchNorm layers in inference mode while the adapter trains, so the
-                    frozen base (including its running statistics) is exactly what the adapter
-                    was trained against and what decoding uses.
+    batchnorm: ``frozen``: BatchNorm layers stay in inference mode while the adapter trains, so the
+               base's running statistics are what the adapter is trained against and decoded with;
+               ``speaker``: they are re-estimated on the speaker's data and saved with the adapter
+               (pqm_ext.lora.batchnorm).
     """
 
     rank: int = 4
     alpha: float = 8.0
     dropout: float = 0.0
     target_modules: List[str] = field(default_factory=list)
-    freeze_batchnorm: bool = True
+    batchnorm: str = "frozen"
 
     def __post_init__(self):
         if self.rank < 1:
@@ -35,9 +37,17 @@ class AdapterConfig:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             raise ValueError("LoRA target_modules is empty")
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"LoRA batchnorm must be one of {BATCHNORM_MODES}, got {self.batchnorm!r}")
 
     @classmethod
     def from_dict(cls, conf: Optional[dict]) -> "AdapterConfig":
+        conf = dict(conf or {})
+        if "freeze_batchnorm" in conf:  # adapters saved before ``batchnorm`` existed
+            if conf.pop("freeze_batchnorm") is not True:
+                raise ValueError("LoRA freeze_batchnorm: false is no longer an option (statistics that move "
+                                 "in training must be saved with the adapter): use batchnorm: speaker")
+            conf.setdefault("batchnorm", "frozen")
         return dataclass_from_dict(cls, conf, "LoRA")
 
     def to_dict(self) -> dict:

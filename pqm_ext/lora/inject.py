@@ -17,6 +17,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
+from pqm_ext.lora.batchnorm import batchnorm_layers, freeze_batchnorm, remember_base_statistics
 from pqm_ext.lora.config import AdapterConfig
 from pqm_ext.lora.quant_conv import LoraQuantConv1d, is_pointwise_conv1d
 from pqm_ext.patterns import any_match, patterns_to_regex
@@ -44,21 +45,6 @@ def target_layers(model: torch.nn.Module, cfg: AdapterConfig) -> List[str]:
     return names
 
 
-def _freeze_batchnorm_hook(module, _inputs):
-    module.eval()
-
-
-def freeze_batchnorm(model: torch.nn.Module) -> int:
-    """Keep every BatchNorm in eval mode even when the trainer calls ``model.train()``."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not getattr(m, "_pqm_frozen", False):
-            m.register_forward_pre_hook(_freeze_batchnorm_hook)
-            m._pqm_frozen = True
-            n += 1
-    return n
-
-
 def add_adapter(model: torch.nn.Module, cfg: AdapterConfig, name: str = "default") -> List[str]:
     """Inject LoRA adapter ``name``; only LoRA parameters stay trainable. Returns the wrapped layers."""
     layers = target_layers(model, cfg)
@@ -68,10 +54,12 @@ def add_adapter(model: torch.nn.Module, cfg: AdapterConfig, name: str = "default
     inject_adapter_in_model(peft_cfg, model, adapter_name=name)
     for pname, p in model.named_parameters():
         p.requires_grad_(f"lora_A.{name}." in pname or f"lora_B.{name}." in pname)
-    if cfg.freeze_batchnorm:
-        n_bn = freeze_batchnorm(model)
-        if n_bn:
-            logger.info("froze %d BatchNorm layers", n_bn)
+    remember_base_statistics(model)  # before training moves them: a speaker without statistics gets these
+    freeze_batchnorm(model, frozen=cfg.batchnorm == "frozen")
+    n_bn = len(batchnorm_layers(model))
+    if n_bn:
+        logger.info("%d BatchNorm layers: %s", n_bn, "frozen" if cfg.batchnorm == "frozen"
+                    else "statistics re-estimated on the speaker's data, saved with the adapter")
     logger.info("LoRA %r (rank %d, alpha %g) on %d layers, %d trainable parameters", name, cfg.rank, cfg.alpha,
                 len(layers), adapter_num_params(model, name))
     return layers

@@ -1,7 +1,8 @@
 """Save and load one adapter in peft's format, tied to the quantised base it was trained on.
 
 A directory holds ``adapter_config.json`` (peft's LoraConfig) and ``adapter_model.safetensors``
-(peft's state-dict naming) whose metadata records the base fingerprint (a hash of the quantised
+(peft's state-dict naming; with ``batchnorm: speaker`` also the speaker's BatchNorm statistics,
+pqm_ext.lora.batchnorm) whose metadata records the base fingerprint (a hash of the quantised
 checkpoint's tensors) and the toolkit's own settings. Loading into a different base, or an adapter
 whose shapes do not fit, is refused with a clear error.
 """
@@ -17,6 +18,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from pqm_ext.lora.batchnorm import check_statistics, put_statistics, split_statistics, statistics_of
 from pqm_ext.lora.config import AdapterConfig
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_dir
@@ -29,6 +31,8 @@ def save_adapter(model: torch.nn.Module, out_dir, cfg: AdapterConfig, name: str 
     """Write the adapter directory atomically (it appears complete or not at all)."""
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    if cfg.batchnorm == "speaker":
+        state.update(statistics_of(model))
     metadata = {"format": "pt", "pqm_base_fingerprint": getattr(model, "pqm_base_fingerprint", ""),
                 "pqm_adapter_config": json.dumps(cfg.to_dict()), "pqm_info": json.dumps(info or {})}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -68,10 +72,16 @@ def adapter_config_of(adapter_dir) -> AdapterConfig:
     return AdapterConfig.from_dict(json.loads(meta.get("pqm_adapter_config", "{}")))
 
 
-def load_adapter(model: torch.nn.Module, adapter_dir, name: str = "default", check_base: bool = True) -> Dict:
-    """Load weights into the already injected adapter ``name``; return the adapter's info dict."""
+def load_adapter(model: torch.nn.Module, adapter_dir, name: str = "default", check_base: bool = True,
+                 statistics: bool = True) -> Dict:
+    """Load weights into the already injected adapter ``name``; return the adapter's info dict.
+
+    ``statistics``: also set the model's BatchNorm statistics to the adapter's (the base's when it has
+    none); off where several speakers share the model (``pqm_ext.lora.mixed`` keeps them per speaker).
+    """
     path = Path(adapter_dir) / WEIGHTS
     tensors, meta = read_adapter(adapter_dir)
+    tensors, stats = split_statistics(tensors)
     base = getattr(model, "pqm_base_fingerprint", "")
     saved = meta.get("pqm_base_fingerprint", "")
     if check_base and saved != base:
@@ -85,5 +95,14 @@ def load_adapter(model: torch.nn.Module, adapter_dir, name: str = "default", che
         if v.shape != expected[k].shape:
             raise InputError(path, f"{k}: shape {tuple(v.shape)} does not fit the model's {tuple(expected[k].shape)} "
                                    "(different LoRA rank?)")
+    if stats:
+        check_statistics(model, stats, path)
     set_peft_model_state_dict(model, tensors, adapter_name=name)
+    if statistics:
+        put_statistics(model, stats or None)
     return json.loads(meta.get("pqm_info", "{}"))
+
+
+def adapter_statistics(adapter_dir) -> Dict[str, torch.Tensor]:
+    """The BatchNorm statistics saved with an adapter (empty unless it was trained with ``batchnorm: speaker``)."""
+    return split_statistics(read_adapter(adapter_dir)[0])[1]

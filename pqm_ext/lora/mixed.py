@@ -11,6 +11,9 @@ model under its own peft adapter name, and in a batch row ``i`` uses the adapter
   peft's ``_enable_peft_forward_hooks`` does); it loops over the distinct adapters of the batch in
   every layer, so its cost grows with the number of speakers (see docs/PERFORMANCE.md).
 
+Adapters trained with ``batchnorm: speaker`` bring their own BatchNorm statistics; in either
+implementation each row is then normalised with its own speaker's (rows without: the base's).
+
 ``folded`` is the single-speaker fast path: the adapter's product ``B @ A * scale`` is added once to
 a dequantised copy of each base weight (``W_eff = W_deq + B A s``, the same arithmetic as the
 unmerged sum), so a decoding step runs one dense matmul per layer. The NF4 weights are never
@@ -34,7 +37,8 @@ from peft.tuners.lora import LoraLayer
 
 from pqm_ext.lora.config import AdapterConfig
 from pqm_ext.lora.inject import add_adapter
-from pqm_ext.lora.io import adapter_config_of, load_adapter
+from pqm_ext.lora.batchnorm import RowStatistics, put_statistics
+from pqm_ext.lora.io import adapter_config_of, adapter_statistics, load_adapter
 from pqm_ext.lora.quant_conv import is_pointwise_conv1d
 from pqm_ext.quant.cache import DequantCacheMixin, as_input_dtype
 from pqm_ext.quant.layers import QuantConv
@@ -60,6 +64,7 @@ class RowAdapters:
         self.names: List[Optional[str]] = list(names)
         self._peft_names: List[str] = []
         self._gathered: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
+        self.batchnorm: Optional[RowStatistics] = None
         self._update()
 
     def select(self, index: Sequence[int]) -> None:
@@ -69,6 +74,8 @@ class RowAdapters:
     def _update(self) -> None:
         o = self.owner
         self._peft_names[:] = [BASE if n in (None, BASE) else o.internal[n] for n in self.names]
+        if self.batchnorm is not None:
+            self.batchnorm.slots = torch.tensor([o.slot(n) for n in self.names], dtype=torch.long)
         if self.impl == "batched":
             idx = torch.tensor([o.slot(n) for n in self.names], dtype=torch.long)
             self._gathered = {}
@@ -100,6 +107,7 @@ class MixedAdapters:
         self.model, self.impl = model, impl
         self.internal: Dict[str, str] = {}
         self.infos: Dict[str, Dict] = {}
+        self.statistics: Dict[str, Dict[str, torch.Tensor]] = {}  # BatchNorm statistics of speaker adapters
         self._stacks: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]] = None
 
     @property
@@ -119,7 +127,13 @@ class MixedAdapters:
                 raise ValueError(f"speaker ids {name!r} and another one map to the same adapter name {key!r}")
             add_adapter(self.model, cfg, key)
             self.internal[name] = key
-        info = load_adapter(self.model, adapter_dir, key, check_base=check_base) if adapter_dir is not None else {}
+        info = {}
+        self.statistics.pop(name, None)
+        if adapter_dir is not None:
+            info = load_adapter(self.model, adapter_dir, key, check_base=check_base, statistics=False)
+            stats = adapter_statistics(adapter_dir)
+            if stats:
+                self.statistics[name] = stats
         self.infos[name] = info
         self._stacks = None
         return info
@@ -171,9 +185,14 @@ class MixedAdapters:
         if self.model.training:
             raise ValueError("mixed adapter batches are for inference: call model.eval() first")
         state = RowAdapters(self, names, impl)
+        if self.statistics:  # some speaker brings its own BatchNorm statistics: normalise row by row
+            state.batchnorm = RowStatistics(self.model, [self.statistics.get(n) for n in self.names] + [None])
+            state._update()
         layers = [m for _, m in lora_layers(self.model)]
         handles = []
         try:
+            if state.batchnorm is not None:
+                state.batchnorm.patch()
             if impl == "peft":
                 def hook(_module, args, kwargs):
                     kwargs["adapter_names"] = state._peft_names
@@ -185,6 +204,8 @@ class MixedAdapters:
                     m.forward = _bound(state._batched_forward, m)
             yield state
         finally:
+            if state.batchnorm is not None:
+                state.batchnorm.unpatch()
             for h in handles:
                 h.remove()
             if impl == "batched":
@@ -198,6 +219,7 @@ class MixedAdapters:
             m.set_adapter(key)
             for p in m.parameters():
                 p.requires_grad_(False)
+        put_statistics(self.model, self.statistics.get(name))
 
 
 def _matrix(weight: torch.Tensor) -> torch.Tensor:

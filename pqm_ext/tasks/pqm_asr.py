@@ -35,6 +35,7 @@ from espnet2.utils.nested_dict_action import NestedDictAction
 from espnet2.utils.types import str_or_none
 from pqm_ext.asr.model_io import load_base
 from pqm_ext.lora import AdapterConfig, add_adapter, load_adapter, save_adapter
+from pqm_ext.lora.batchnorm import model_state_statistics, put_statistics
 from pqm_ext.models.whisper import register_espnet_classes
 from pqm_ext.quant import QuantConfig, quantize_model
 
@@ -79,7 +80,8 @@ def restore_best_adapter(model: torch.nn.Module, output_dir: Path, criterion) ->
     """Load the LoRA weights of ESPnet's best epoch by ``criterion`` into ``model``; return that epoch.
 
     ESPnet links ``<phase>.<key>.best.pth`` to the best epoch's model file and keeps that file (it is
-    among the n best); only the adapter's tensors are taken from it, the frozen base is not reloaded.
+    among the n best); only the adapter's tensors (and, with ``batchnorm: speaker``, that epoch's
+    BatchNorm statistics) are taken from it, the frozen base is not reloaded.
     """
     phase, key, _ = criterion
     best = Path(output_dir) / f"{phase}.{key}.best.pth"
@@ -90,6 +92,9 @@ def restore_best_adapter(model: torch.nn.Module, output_dir: Path, criterion) ->
     unexpected = model.load_state_dict(lora, strict=False).unexpected_keys
     if not lora or unexpected:
         raise RuntimeError(f"{best}: no LoRA weights for this model ({len(lora)} tensors, {len(unexpected)} unknown)")
+    config = getattr(model, "pqm_adapter_config", None)
+    if config is not None and config.batchnorm == "speaker":
+        put_statistics(model, model_state_statistics(state, model))
     return int(best.resolve().name[:-len("epoch.pth")])
 
 
