@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
+from pqm_ext.lora.batchnorm import RowStatistics, put_statistics
 from pqm_ext.lora.config import AdapterConfig
 from pqm_ext.lora.inject import add_adapter
-from pqm_ext.lora.batchnorm import RowStatistics, put_statistics
 from pqm_ext.lora.io import adapter_config_of, adapter_statistics, load_adapter
 from pqm_ext.lora.quant_conv import is_pointwise_conv1d
 from pqm_ext.quant.cache import DequantCacheMixin, as_input_dtype
