@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ from peft.tuners.lora.layer import Conv1d as LoraConv1d
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-from pqm_ext.lora import AdapterConfig, adapter_num_params, add_adapter, load_adapter, read_adapter, save_adapter
-from pqm_ext.lora.batchnorm import put_statistics
+from pqm_ext.lora import (AdapterConfig, adapter_config_of, adapter_num_params, add_adapter, load_adapter,
+                         read_adapter, save_adapter)
+from pqm_ext.lora.batchnorm import put_statistics, reestimate_statistics
 from pqm_ext.lora.mixed import MixedAdapters, folded, load_adapters
 from pqm_ext.lora.quant_conv import LoraQuantConv1d
 from pqm_ext.patterns import any_match
@@ -337,6 +339,39 @@ def test_batchnorm_statistics_and_reloaded_adapter(mode, nf4_dir, load_base, ran
         assert not torch.allclose(outputs(fresh, batch)[0], ref[0], atol=1e-4)
 
 
+def test_reestimated_statistics_are_those_of_the_speakers_data(nf4_dir, load_base, random_batch):
+    """AdaBN after training: each BatchNorm's statistics become the average over the batches of its input's
+    statistics, in inference mode (no dropout: a second pass gives the same), the model's mode kept."""
+    model = load_base(nf4_dir / "model.safetensors")
+    add_adapter(model, AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules, batchnorm="speaker"))
+    base_stats = _bn_stats(model)
+    batches = [dict(zip(("speech", "speech_lengths"), random_batch(seed=s, n=2)[:2])) for s in (40, 41)]
+    first = model.get_submodule("encoder.encoders.0.conv_module.norm")
+    seen = []
+    hook = first.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            model.encode(b["speech"], b["speech_lengths"])
+    hook.remove()
+    # the first layer's input does not depend on any BatchNorm: its statistics are known beforehand
+    want_mean = torch.stack([x.mean(dim=(0, 2)) for x in seen]).mean(0)
+    want_var = torch.stack([x.transpose(0, 1).reshape(x.size(1), -1).var(dim=1) for x in seen]).mean(0)
+
+    model.train()
+    assert reestimate_statistics(model, batches) == 2
+    assert model.training and first.training
+    torch.testing.assert_close(first.running_mean, want_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first.running_var, want_var, rtol=1e-4, atol=1e-5)
+    assert _same_stats(_bn_stats(model), base_stats) == [False, False]
+    again = _bn_stats(model)
+    reestimate_statistics(model, batches)
+    assert _same_stats(_bn_stats(model), again) == [True, True]
+    assert first.momentum == 0.1  # running averages behave as before afterwards
+    with pytest.raises(ValueError, match="no batches"):
+        reestimate_statistics(model, [])
+
+
 def test_speaker_statistics_do_not_outlive_their_speaker(nf4_dir, load_base, random_batch, tmp_path):
     """One recogniser decodes speaker after speaker: loading an adapter without statistics puts the
     base's back; statistics that do not fit the model are refused, naming the file."""
@@ -368,14 +403,24 @@ def test_speaker_statistics_do_not_outlive_their_speaker(nf4_dir, load_base, ran
     assert _same_stats(_bn_stats(model), base_stats) == [True, True]
 
 
-def test_legacy_freeze_batchnorm_option():
-    """Adapters saved before ``batchnorm`` record freeze_batchnorm: true, which still loads."""
+def test_legacy_freeze_batchnorm_option(tmp_path):
+    """Adapters saved before ``batchnorm`` record freeze_batchnorm: true, which still loads; the other
+    value, or one that contradicts batchnorm, is refused, naming the adapter file."""
     conf = {"target_modules": ["linear_q"], "freeze_batchnorm": True}
     assert AdapterConfig.from_dict(conf).batchnorm == "frozen"
-    with pytest.raises(ValueError, match="batchnorm: speaker"):
-        AdapterConfig.from_dict(dict(conf, freeze_batchnorm=False))
+    for bad, message in [(dict(conf, freeze_batchnorm=False), "batchnorm: speaker"),
+                         (dict(conf, batchnorm="speaker"), "disagree")]:
+        with pytest.raises(ValueError, match=message):
+            AdapterConfig.from_dict(bad)
     with pytest.raises(ValueError, match="batchnorm must be one of"):
         AdapterConfig(target_modules=["linear_q"], batchnorm="train")
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({"x": torch.zeros(1)}, str(old / "adapter_model.safetensors"),
+              metadata={"pqm_adapter_config": json.dumps(dict(conf, freeze_batchnorm=False))})
+    with pytest.raises(InputError, match="freeze_batchnorm: false") as err:
+        adapter_config_of(old)
+    assert str(old / "adapter_model.safetensors") in str(err.value)
 
 
 @pytest.mark.parametrize("impl", ["batched", "peft"])

@@ -186,8 +186,10 @@ def test_early_stopping_holds_out_the_last_utterances_and_keeps_the_best_epoch(r
     epoch is known in advance, the learning rate, with a schedule that switches it from tiny (epoch 1) to
     large: epoch 1 is the best, and its adapter differs from the last one's. The step scheduler also checks
     that the stage's scheduler does not inherit the base's warmuplr options. The adapter keeps the speaker's
-    BatchNorm statistics (``--lora_conf batchnorm=speaker``): those of the best epoch too."""
+    BatchNorm statistics (``--lora_conf batchnorm=speaker``), estimated on its training utterances for the
+    best epoch's weights."""
     import torch
+    from safetensors.torch import load_file
     from pqm_ext.asr.config import read_yaml
     from pqm_ext.lora.io import read_adapter
 
@@ -222,21 +224,25 @@ def test_early_stopping_holds_out_the_last_utterances_and_keeps_the_best_epoch(r
     tensors, meta = read_adapter(out / "adapter")
     info = json.loads(meta["pqm_info"])
     assert (info["epochs"], info["max_epoch"], info["trained_on"], info["held_out"]) == (1, 3, 2, 2)
+    assert info["batchnorm_batches"] == 2  # the 2 training utterances, one per batch
+
+    stats = {k: v for k, v in tensors.items() if k.startswith("pqm_batchnorm.")}
+    tensors = {k: v for k, v in tensors.items() if k not in stats}
+    blocks = yaml.safe_load((recipe / "exp/conformer/base/config.yaml").read_text())["encoder_conf"]["num_blocks"]
+    assert len(stats) == 2 * blocks  # running mean and variance of every convolution module's BatchNorm
+    base = load_file(str(recipe / "exp/conformer/nf4/model.safetensors"))
+    latest = torch.load(out / "train/latest.pth", map_location="cpu")  # training's running averages
+    for key, value in stats.items():  # estimated afresh: neither the base's nor training's running average
+        name = key.removeprefix("pqm_batchnorm.")
+        assert not torch.equal(value, base[name]) and not torch.equal(value, latest[name]), key
 
     def same_as(checkpoint: str) -> dict:
-        """Adapter tensor -> equal to its twin in an ESPnet epoch file (which names the peft adapter 'default'
-        and keeps BatchNorm statistics under the layer's own name)?"""
+        """Adapter tensor -> equal to its twin in an ESPnet epoch file (which names the peft adapter 'default')?"""
         state = torch.load(out / "train" / checkpoint, map_location="cpu")
-        twin = {key: re.sub(r"\.lora_([AB])\.", r".lora_\1.default.", key.removeprefix("pqm_batchnorm."))
-                for key in tensors}
-        return {key: torch.equal(value, state[twin[key]].to(value.dtype)) for key, value in tensors.items()}
+        return {key: torch.equal(value, state[re.sub(r"\.lora_([AB])\.", r".lora_\1.default.", key)].to(value.dtype))
+                for key, value in tensors.items()}
 
-    blocks = yaml.safe_load((recipe / "exp/conformer/base/config.yaml").read_text())["encoder_conf"]["num_blocks"]
-    assert sum(key.startswith("pqm_batchnorm.") for key in tensors) == 2 * blocks  # running mean and variance
-
-    latest = same_as("latest.pth")
-    assert not any(v for k, v in latest.items() if k.startswith("pqm_batchnorm."))  # not the last epoch's...
-    assert not all(latest.values())
+    assert not all(same_as("latest.pth").values())  # not the last epoch's adapter...
     assert all(same_as("train.optim0_lr0.best.pth").values())  # ...but the best one's, tensor for tensor
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from pqm_ext.asr.layout import INIT_SYSTEM, ExpLayout, System
 from pqm_ext.asr.score import UttScore, paired_bootstrap, score_utterances, summarize
 from pqm_ext.data.kaldi_dir import DataDir
+from pqm_ext.lora.batchnorm import PREFIX as BATCHNORM_PREFIX
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import write_text_atomic
 from pqm_ext.lora.io import WEIGHTS, adapter_info
@@ -71,8 +72,9 @@ def decode_timing(decode_dir: Path, speakers: Sequence[str]) -> Dict:
 
 
 def adapter_params(adapter_dir: Path) -> int:
-    """Every value a speaker's adapter file stores: LoRA weights, and BatchNorm statistics if it has them."""
-    return sum(t.numel() for t in load_file(str(adapter_dir / "adapter_model.safetensors")).values())
+    """The adapter's LoRA weights (BatchNorm statistics saved with it are buffers, as in the base's count)."""
+    return sum(t.numel() for k, t in load_file(str(adapter_dir / "adapter_model.safetensors")).items()
+               if not k.startswith(BATCHNORM_PREFIX))
 
 
 Key = Tuple[str, Optional[int]]  # (results.json group, N adaptation utterances or None)

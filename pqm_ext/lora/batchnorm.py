@@ -6,11 +6,14 @@ back the model it was trained with. ``AdapterConfig.batchnorm`` picks one of two
 
 * ``frozen``: BatchNorm stays in inference mode while the adapter trains (a forward pre-hook, so the
   trainer's ``model.train()`` cannot undo it); every speaker is decoded with the base's statistics.
-* ``speaker``: the running statistics follow the speaker's adaptation data, as in AdaBN (Li et al.,
-  2016: re-estimating normalisation statistics adapts a network to a new domain), and are saved in the
-  adapter file beside the LoRA weights as ``pqm_batchnorm.<layer>.running_mean`` / ``.running_var``.
-  Loading such an adapter puts them in; loading one without them puts the base's back, so a recogniser
-  that decodes one speaker after another never carries a speaker's statistics over to the next.
+* ``speaker``: BatchNorm trains in train mode (batch statistics), and once the adapter is trained its
+  statistics are estimated afresh on the speaker's adaptation data as AdaBN does (Li et al., 2016:
+  re-estimating normalisation statistics adapts a network to a new domain): one pass in inference mode
+  (no dropout, no SpecAugment, the final LoRA weights) with a cumulative average over batches, so they
+  are the statistics of what decoding will feed the layer. They are saved in the adapter file beside
+  the LoRA weights as ``pqm_batchnorm.<layer>.running_mean`` / ``.running_var``. Loading such an
+  adapter puts them in; loading one without them puts the base's back, so a recogniser that decodes one
+  speaker after another never carries a speaker's statistics over to the next.
 
 The affine weights stay frozen either way. Mixed batches (``pqm_ext.lora.mixed``) normalise each row
 with its own speaker's statistics.
@@ -18,7 +21,7 @@ with its own speaker's statistics.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -99,10 +102,37 @@ def put_statistics(model: torch.nn.Module, stats: Optional[Dict[str, torch.Tenso
                     getattr(m, stat).copy_(stats[key])
 
 
-def model_state_statistics(state: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The BatchNorm statistics in a full model state dict (an ESPnet checkpoint), keyed as in an adapter."""
-    return {f"{PREFIX}{name}.{stat}": state[f"{name}.{stat}"]
-            for name, _ in batchnorm_layers(model) for stat in STATISTICS if f"{name}.{stat}" in state}
+@torch.no_grad()
+def reestimate_statistics(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]]) -> int:
+    """AdaBN: set every BatchNorm's running statistics to the average, over ``batches`` (ESPnet batches:
+    ``speech``, ``speech_lengths``), of the statistics of its input with the model as it decodes; each
+    batch weighs the same. Returns the number of batches; the model's train/eval mode is kept."""
+    layers = [m for _, m in batchnorm_layers(model)]
+    if not layers:
+        return 0
+    was_training = model.training
+    saved = [(m.momentum, getattr(m, "_pqm_frozen", None)) for m in layers]
+    model.eval()
+    n = 0
+    try:
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+            m.train()
+            if hasattr(m, "_pqm_frozen"):
+                m._pqm_frozen = False
+        for batch in batches:
+            model.encode(batch["speech"], batch["speech_lengths"])
+            n += 1
+    finally:
+        for m, (momentum, frozen) in zip(layers, saved):
+            m.momentum = momentum
+            if frozen is not None:
+                m._pqm_frozen = frozen
+        model.train(was_training)
+    if not n:
+        raise ValueError("no batches to estimate the BatchNorm statistics from")
+    return n
 
 
 class RowStatistics:
@@ -141,9 +171,10 @@ class RowStatistics:
                                  f"{self.slots.numel()} rows (adapter names must be given per row of the batch)")
             shape = (x.size(0), x.size(1)) + (1,) * (x.dim() - 2)
             i = self.slots.to(self.mean[name].device)
-            y = (x - self.mean[name][i].view(shape).to(x.dtype)) * self.inv_std[name][i].view(shape).to(x.dtype)
+            # in float32, as BatchNorm itself computes under fp16 autocast
+            y = (x.float() - self.mean[name][i].view(shape)) * self.inv_std[name][i].view(shape)
             if m.affine:
                 channel = (1, x.size(1)) + (1,) * (x.dim() - 2)
-                y = y * m.weight.view(channel).to(x.dtype) + m.bias.view(channel).to(x.dtype)
-            return y
+                y = y * m.weight.view(channel).float() + m.bias.view(channel).float()
+            return y.to(x.dtype)
         return forward

@@ -47,7 +47,8 @@ class AdapterConfig:
             if conf.pop("freeze_batchnorm") is not True:
                 raise ValueError("LoRA freeze_batchnorm: false is no longer an option (statistics that move "
                                  "in training must be saved with the adapter): use batchnorm: speaker")
-            conf.setdefault("batchnorm", "frozen")
+            if conf.setdefault("batchnorm", "frozen") != "frozen":
+                raise ValueError("LoRA freeze_batchnorm (the old name) and batchnorm disagree: give batchnorm only")
         return dataclass_from_dict(cls, conf, "LoRA")
 
     def to_dict(self) -> dict:

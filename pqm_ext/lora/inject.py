@@ -59,7 +59,9 @@ def add_adapter(model: torch.nn.Module, cfg: AdapterConfig, name: str = "default
     n_bn = len(batchnorm_layers(model))
     if n_bn:
         logger.info("%d BatchNorm layers: %s", n_bn, "frozen" if cfg.batchnorm == "frozen"
-                    else "statistics re-estimated on the speaker's data, saved with the adapter")
+                    else "statistics estimated on the speaker's data, saved with the adapter")
+    elif cfg.batchnorm == "speaker":
+        logger.info("batchnorm: speaker changes nothing: the model has no BatchNorm layer")
     logger.info("LoRA %r (rank %d, alpha %g) on %d layers, %d trainable parameters", name, cfg.rank, cfg.alpha,
                 len(layers), adapter_num_params(model, name))
     return layers

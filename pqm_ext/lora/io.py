@@ -69,7 +69,10 @@ def adapter_info(adapter_dir) -> Dict:
 
 def adapter_config_of(adapter_dir) -> AdapterConfig:
     _, meta = read_adapter(adapter_dir)
-    return AdapterConfig.from_dict(json.loads(meta.get("pqm_adapter_config", "{}")))
+    try:
+        return AdapterConfig.from_dict(json.loads(meta.get("pqm_adapter_config", "{}")))
+    except (TypeError, ValueError) as e:
+        raise InputError(Path(adapter_dir) / WEIGHTS, f"adapter config: {e}") from e
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir, name: str = "default", check_base: bool = True,

@@ -127,13 +127,14 @@ class MixedAdapters:
                 raise ValueError(f"speaker ids {name!r} and another one map to the same adapter name {key!r}")
             add_adapter(self.model, cfg, key)
             self.internal[name] = key
-        info = {}
-        self.statistics.pop(name, None)
+        info, stats = {}, {}
         if adapter_dir is not None:
             info = load_adapter(self.model, adapter_dir, key, check_base=check_base, statistics=False)
             stats = adapter_statistics(adapter_dir)
-            if stats:
-                self.statistics[name] = stats
+        if stats:
+            self.statistics[name] = stats
+        else:
+            self.statistics.pop(name, None)
         self.infos[name] = info
         self._stacks = None
         return info
@@ -188,6 +189,8 @@ class MixedAdapters:
         if self.statistics:  # some speaker brings its own BatchNorm statistics: normalise row by row
             state.batchnorm = RowStatistics(self.model, [self.statistics.get(n) for n in self.names] + [None])
             state._update()
+        else:  # every row uses the base's, whichever speaker ``use`` left in the model
+            put_statistics(self.model, None)
         layers = [m for _, m in lora_layers(self.model)]
         handles = []
         try:

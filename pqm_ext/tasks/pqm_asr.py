@@ -30,12 +30,13 @@ import numpy as np
 import torch
 
 from espnet2.tasks.asr import ASRTask
+from espnet2.torch_utils.device_funcs import to_device
 from espnet2.train.trainer import Trainer
 from espnet2.utils.nested_dict_action import NestedDictAction
 from espnet2.utils.types import str_or_none
 from pqm_ext.asr.model_io import load_base
 from pqm_ext.lora import AdapterConfig, add_adapter, load_adapter, save_adapter
-from pqm_ext.lora.batchnorm import model_state_statistics, put_statistics
+from pqm_ext.lora.batchnorm import reestimate_statistics
 from pqm_ext.models.whisper import register_espnet_classes
 from pqm_ext.quant import QuantConfig, quantize_model
 
@@ -80,8 +81,7 @@ def restore_best_adapter(model: torch.nn.Module, output_dir: Path, criterion) ->
     """Load the LoRA weights of ESPnet's best epoch by ``criterion`` into ``model``; return that epoch.
 
     ESPnet links ``<phase>.<key>.best.pth`` to the best epoch's model file and keeps that file (it is
-    among the n best); only the adapter's tensors (and, with ``batchnorm: speaker``, that epoch's
-    BatchNorm statistics) are taken from it, the frozen base is not reloaded.
+    among the n best); only the adapter's tensors are taken from it, the frozen base is not reloaded.
     """
     phase, key, _ = criterion
     best = Path(output_dir) / f"{phase}.{key}.best.pth"
@@ -92,9 +92,6 @@ def restore_best_adapter(model: torch.nn.Module, output_dir: Path, criterion) ->
     unexpected = model.load_state_dict(lora, strict=False).unexpected_keys
     if not lora or unexpected:
         raise RuntimeError(f"{best}: no LoRA weights for this model ({len(lora)} tensors, {len(unexpected)} unknown)")
-    config = getattr(model, "pqm_adapter_config", None)
-    if config is not None and config.batchnorm == "speaker":
-        put_statistics(model, model_state_statistics(state, model))
     return int(best.resolve().name[:-len("epoch.pth")])
 
 
@@ -104,7 +101,9 @@ class AdapterExportTrainer(Trainer):
     The model in memory is then the last epoch's (or, for a finished run that is resumed, the
     checkpoint's), so exporting it avoids rebuilding it from ``latest.pth``. With ``adapter_select:
     best`` the best epoch's LoRA weights by the first ``best_model_criterion`` are restored first:
-    early stopping on a held-out validation set, without stopping the run.
+    early stopping on a held-out validation set, without stopping the run. With ``batchnorm: speaker``
+    the BatchNorm statistics are then estimated on the training data for those weights
+    (pqm_ext.lora.batchnorm.reestimate_statistics) and saved with them.
     """
 
     @classmethod
@@ -118,6 +117,12 @@ class AdapterExportTrainer(Trainer):
                 epoch = restore_best_adapter(model, opts.output_dir, opts.best_model_criterion[0])
                 logger.info("restored the adapter of epoch %d (best %s)", epoch, ".".join(opts.best_model_criterion[0][:2]))
             info = dict(export.get("info") or {}, epochs=epoch, max_epoch=opts.max_epoch)
+            if model.pqm_adapter_config.batchnorm == "speaker":
+                device = "cuda" if opts.ngpu > 0 else "cpu"
+                batches = (to_device(batch, device) for _, batch in
+                           kwargs["train_iter_factory"].build_iter(epoch, shuffle=False))
+                info["batchnorm_batches"] = reestimate_statistics(model, batches)
+                logger.info("BatchNorm statistics estimated on %d training batches", info["batchnorm_batches"])
             save_adapter(model, export["out"], model.pqm_adapter_config, info=info)
             logger.info("saved adapter to %s", export["out"])
 
@@ -168,7 +173,9 @@ class PQMASRTask(ASRTask):
                                         "select": getattr(args, "adapter_select", "last")}
             add_adapter(model, model.pqm_adapter_config)
             if getattr(args, "init_adapter", None):
-                load_adapter(model, args.init_adapter)
+                # its statistics (a stage 6 trained with batchnorm: speaker) only where this adapter keeps its own:
+                # a frozen one is decoded with the base's, so it must train with them
+                load_adapter(model, args.init_adapter, statistics=model.pqm_adapter_config.batchnorm == "speaker")
                 logger.info("initialised LoRA from %s", args.init_adapter)
         return model
 
