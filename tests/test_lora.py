@@ -15,7 +15,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
 from pqm_ext.lora import (AdapterConfig, adapter_config_of, adapter_num_params, add_adapter, load_adapter,
-                         read_adapter, save_adapter)
+                         load_initial_adapter, read_adapter, save_adapter)
 from pqm_ext.lora.batchnorm import put_statistics, reestimate_statistics
 from pqm_ext.lora.mixed import MixedAdapters, folded, load_adapters
 from pqm_ext.lora.quant_conv import LoraQuantConv1d
@@ -401,6 +401,28 @@ def test_speaker_statistics_do_not_outlive_their_speaker(nf4_dir, load_base, ran
         load_adapter(model, dirs["spk"])
     assert str(dirs["spk"]) in str(err.value)
     assert _same_stats(_bn_stats(model), base_stats) == [True, True]
+
+
+@pytest.mark.parametrize("mode", ["frozen", "speaker"])
+def test_initial_adapter_brings_its_statistics_only_to_a_speaker_adapter(mode, nf4_dir, load_base, random_batch,
+                                                                         tmp_path):
+    """Stage 7 from a stage-6 adapter trained with speaker statistics: a frozen adapter starts (and trains) with
+    the base's statistics, which it will be decoded with; a speaker adapter starts from the pretrained ones."""
+    base_file = nf4_dir / "model.safetensors"
+    speaker = AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules, batchnorm="speaker")
+    m = load_base(base_file)
+    add_adapter(m, speaker)
+    train_steps(m, random_batch(seed=16))
+    pretrained = save_adapter(m, tmp_path / "pretrained", speaker)
+    cfg = AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules, batchnorm=mode)
+    model = load_base(base_file)
+    base_stats = _bn_stats(model)
+    add_adapter(model, cfg)
+    load_initial_adapter(model, pretrained, cfg)
+    assert _same_stats(_bn_stats(model), base_stats) == [mode == "frozen"] * 2
+    assert _same_stats(_bn_stats(model), _bn_stats(m)) == [mode == "speaker"] * 2
+    lora = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in lora.items())  # the weights come along either way
 
 
 def test_legacy_freeze_batchnorm_option(tmp_path):

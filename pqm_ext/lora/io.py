@@ -106,6 +106,13 @@ def load_adapter(model: torch.nn.Module, adapter_dir, name: str = "default", che
     return json.loads(meta.get("pqm_info", "{}"))
 
 
+def load_initial_adapter(model: torch.nn.Module, adapter_dir, cfg: AdapterConfig, name: str = "default") -> Dict:
+    """Start adapter ``name`` (config ``cfg``) from a trained one, e.g. the multi-speaker pretrained LoRA: its
+    weights, and its BatchNorm statistics only if ``cfg`` keeps the speaker's (a ``frozen`` adapter is
+    decoded with the base's statistics, so it must also train with them)."""
+    return load_adapter(model, adapter_dir, name, statistics=cfg.batchnorm == "speaker")
+
+
 def adapter_statistics(adapter_dir) -> Dict[str, torch.Tensor]:
     """The BatchNorm statistics saved with an adapter (empty unless it was trained with ``batchnorm: speaker``)."""
     return split_statistics(read_adapter(adapter_dir)[0])[1]

@@ -35,7 +35,7 @@ from espnet2.train.trainer import Trainer
 from espnet2.utils.nested_dict_action import NestedDictAction
 from espnet2.utils.types import str_or_none
 from pqm_ext.asr.model_io import load_base
-from pqm_ext.lora import AdapterConfig, add_adapter, load_adapter, save_adapter
+from pqm_ext.lora import AdapterConfig, add_adapter, load_initial_adapter, save_adapter
 from pqm_ext.lora.batchnorm import reestimate_statistics
 from pqm_ext.models.whisper import register_espnet_classes
 from pqm_ext.quant import QuantConfig, quantize_model
@@ -173,9 +173,7 @@ class PQMASRTask(ASRTask):
                                         "select": getattr(args, "adapter_select", "last")}
             add_adapter(model, model.pqm_adapter_config)
             if getattr(args, "init_adapter", None):
-                # its statistics (a stage 6 trained with batchnorm: speaker) only where this adapter keeps its own:
-                # a frozen one is decoded with the base's, so it must train with them
-                load_adapter(model, args.init_adapter, statistics=model.pqm_adapter_config.batchnorm == "speaker")
+                load_initial_adapter(model, args.init_adapter, model.pqm_adapter_config)
                 logger.info("initialised LoRA from %s", args.init_adapter)
         return model
 
