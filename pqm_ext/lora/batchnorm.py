@@ -105,8 +105,9 @@ def put_statistics(model: torch.nn.Module, stats: Optional[Dict[str, torch.Tenso
 @torch.no_grad()
 def reestimate_statistics(model: torch.nn.Module, batches: Iterable[Dict[str, torch.Tensor]]) -> int:
     """AdaBN: set every BatchNorm's running statistics to the average, over ``batches`` (ESPnet batches:
-    ``speech``, ``speech_lengths``), of the statistics of its input with the model as it decodes; each
-    batch weighs the same. Returns the number of batches; the model's train/eval mode is kept."""
+    ``speech``, ``speech_lengths``), of its input's statistics with the rest of the model in inference mode
+    (each BatchNorm normalising with the batch's own, as in training); each batch weighs the same.
+    Returns the number of batches; the model's train/eval mode is kept."""
     layers = [m for _, m in batchnorm_layers(model)]
     if not layers:
         return 0
