@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from peft import LoraConfig
@@ -75,13 +75,12 @@ def adapter_config_of(adapter_dir) -> AdapterConfig:
         raise InputError(Path(adapter_dir) / WEIGHTS, f"adapter config: {e}") from e
 
 
-def load_adapter(model: torch.nn.Module, adapter_dir, name: str = "default", check_base: bool = True,
-                 statistics: bool = True) -> Dict:
-    """Load weights into the already injected adapter ``name``; return the adapter's info dict.
-
-    ``statistics``: also set the model's BatchNorm statistics to the adapter's (the base's when it has
-    none); off where several speakers share the model (``pqm_ext.lora.mixed`` keeps them per speaker).
-    """
+def load_adapter_weights(model: torch.nn.Module, adapter_dir, name: str = "default",
+                         check_base: bool = True) -> Tuple[Dict, Dict[str, torch.Tensor]]:
+    """Load the LoRA weights into the already injected adapter ``name``, leaving the model's BatchNorm
+    statistics alone; return the adapter's info dict and the statistics saved with it (checked against the
+    model; empty unless it was trained with ``batchnorm: speaker``). For callers that keep statistics per
+    speaker (``pqm_ext.lora.mixed``); ``load_adapter`` also puts them in."""
     path = Path(adapter_dir) / WEIGHTS
     tensors, meta = read_adapter(adapter_dir)
     tensors, stats = split_statistics(tensors)
@@ -101,18 +100,21 @@ def load_adapter(model: torch.nn.Module, adapter_dir, name: str = "default", che
     if stats:
         check_statistics(model, stats, path)
     set_peft_model_state_dict(model, tensors, adapter_name=name)
-    if statistics:
-        put_statistics(model, stats or None)
-    return json.loads(meta.get("pqm_info", "{}"))
+    return json.loads(meta.get("pqm_info", "{}")), stats
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir, name: str = "default", check_base: bool = True) -> Dict:
+    """Load the adapter ``name``, and set the model's BatchNorm statistics to the adapter's (the base's when it
+    has none); return the adapter's info dict."""
+    info, stats = load_adapter_weights(model, adapter_dir, name, check_base)
+    put_statistics(model, stats or None)
+    return info
 
 
 def load_initial_adapter(model: torch.nn.Module, adapter_dir, cfg: AdapterConfig, name: str = "default") -> Dict:
     """Start adapter ``name`` (config ``cfg``) from a trained one, e.g. the multi-speaker pretrained LoRA: its
     weights, and its BatchNorm statistics only if ``cfg`` keeps the speaker's (a ``frozen`` adapter is
     decoded with the base's statistics, so it must also train with them)."""
-    return load_adapter(model, adapter_dir, name, statistics=cfg.batchnorm == "speaker")
-
-
-def adapter_statistics(adapter_dir) -> Dict[str, torch.Tensor]:
-    """The BatchNorm statistics saved with an adapter (empty unless it was trained with ``batchnorm: speaker``)."""
-    return split_statistics(read_adapter(adapter_dir)[0])[1]
+    if cfg.batchnorm == "speaker":
+        return load_adapter(model, adapter_dir, name)
+    return load_adapter_weights(model, adapter_dir, name)[0]

@@ -38,7 +38,7 @@ from peft.tuners.lora import LoraLayer
 from pqm_ext.lora.batchnorm import RowStatistics, put_statistics
 from pqm_ext.lora.config import AdapterConfig
 from pqm_ext.lora.inject import add_adapter
-from pqm_ext.lora.io import adapter_config_of, adapter_statistics, load_adapter
+from pqm_ext.lora.io import adapter_config_of, load_adapter_weights
 from pqm_ext.lora.quant_conv import is_pointwise_conv1d
 from pqm_ext.quant.cache import DequantCacheMixin, as_input_dtype
 from pqm_ext.quant.layers import QuantConv
@@ -59,12 +59,13 @@ class RowAdapters:
     """The adapters of the current batch rows (from ``MixedAdapters.rows``); ``select`` keeps a
     subset of rows (e.g. when finished utterances leave a decoding batch)."""
 
-    def __init__(self, owner: "MixedAdapters", names: Sequence[Optional[str]], impl: str):
+    def __init__(self, owner: "MixedAdapters", names: Sequence[Optional[str]], impl: str,
+                 batchnorm: Optional[RowStatistics] = None):
         self.owner, self.impl = owner, impl
         self.names: List[Optional[str]] = list(names)
         self._peft_names: List[str] = []
         self._gathered: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
-        self.batchnorm: Optional[RowStatistics] = None
+        self.batchnorm = batchnorm
         self._update()
 
     def select(self, index: Sequence[int]) -> None:
@@ -74,10 +75,10 @@ class RowAdapters:
     def _update(self) -> None:
         o = self.owner
         self._peft_names[:] = [BASE if n in (None, BASE) else o.internal[n] for n in self.names]
+        idx = torch.tensor([o.slot(n) for n in self.names], dtype=torch.long)
         if self.batchnorm is not None:
-            self.batchnorm.slots = torch.tensor([o.slot(n) for n in self.names], dtype=torch.long)
+            self.batchnorm.slots = idx
         if self.impl == "batched":
-            idx = torch.tensor([o.slot(n) for n in self.names], dtype=torch.long)
             self._gathered = {}
             for key, (a, b, s, pointwise) in o.stacks().items():
                 i = idx.to(a.device)
@@ -129,8 +130,7 @@ class MixedAdapters:
             self.internal[name] = key
         info, stats = {}, {}
         if adapter_dir is not None:
-            info = load_adapter(self.model, adapter_dir, key, check_base=check_base, statistics=False)
-            stats = adapter_statistics(adapter_dir)
+            info, stats = load_adapter_weights(self.model, adapter_dir, key, check_base=check_base)
         if stats:
             self.statistics[name] = stats
         else:
@@ -185,12 +185,12 @@ class MixedAdapters:
             raise ValueError(f"mixed-adapter implementation {impl!r} is not one of {IMPLS}")
         if self.model.training:
             raise ValueError("mixed adapter batches are for inference: call model.eval() first")
-        state = RowAdapters(self, names, impl)
+        batchnorm = None
         if self.statistics:  # some speaker brings its own BatchNorm statistics: normalise row by row
-            state.batchnorm = RowStatistics(self.model, [self.statistics.get(n) for n in self.names] + [None])
-            state._update()
+            batchnorm = RowStatistics(self.model, [self.statistics.get(n) for n in self.names] + [None])
         else:  # every row uses the base's, whichever speaker ``use`` left in the model
             put_statistics(self.model, None)
+        state = RowAdapters(self, names, impl, batchnorm)
         layers = [m for _, m in lora_layers(self.model)]
         handles = []
         try:
