@@ -141,7 +141,8 @@ def check_prepared(data_dir: Path, corpus: str, opts: SplitOptions, extra: dict,
     changed = sorted(k for k in set(wanted) | set(previous or {}) if (previous or {}).get(k) != wanted.get(k))
     raise InputError(marker, f"{data_dir} was prepared with other options ({', '.join(changed)} differ); "
                              f"remove it, prepare into another directory (--data_dir; pqm.sh/run.sh: --datadir, with "
-                             f"--dumpdir for stage 2's copies) or pass --overwrite true")
+                             f"--dumpdir for stage 2's copies) or pass --overwrite true (local/data.sh; from run.sh: "
+                             f"--data_opts \"<the sizes> --overwrite true\", which replaces run.sh's sizes)")
 
 
 def write_prepared(data_dir: Path, dirs: Dict[str, DataDir], splits: Dict[str, Tuple[List[str], List[str]]],
