@@ -245,6 +245,26 @@ def test_early_stopping_holds_out_the_last_utterances_and_keeps_the_best_epoch(r
     assert not all(same_as("latest.pth").values())  # not the last epoch's adapter...
     assert all(same_as("train.optim0_lr0.best.pth").values())  # ...but the best one's, tensor for tensor
 
+    # Stage 8's recogniser puts the speaker's statistics in with its adapter, and the base's back for an
+    # adapter without any (the pretrained LoRA, BatchNorm frozen), so no speaker's statistics reach the next.
+    from pqm_ext.asr.recognizer import Recognizer
+    from pqm_ext.lora.io import adapter_config_of
+
+    decode_conf = yaml.safe_load((REPO / "egs/TEMPLATE/conf/conformer/decode.yaml").read_text())
+    rec = Recognizer(exp / "nf4", decode_conf, adapter=adapter_config_of(out / "adapter"))
+    buffers = dict(rec.model.named_buffers())
+
+    def statistics_are(expected: dict) -> bool:
+        return all(torch.equal(buffers[key.removeprefix("pqm_batchnorm.")], value.to(torch.float32))
+                   for key, value in expected.items())
+
+    base_stats = {key: base[key.removeprefix("pqm_batchnorm.")] for key in stats}
+    assert statistics_are(base_stats) and not statistics_are(stats)
+    with rec.speaker(out / "adapter"):
+        assert statistics_are(stats)
+    rec.use_adapter(exp / "lora_pretrain/adapter")
+    assert statistics_are(base_stats)
+
 
 def test_a_quantised_conformer_decodes_from_any_directory(recipe, tmp_path, monkeypatch):
     """The quantised model directory carries the base's sentencepiece model: the Python API, run from
