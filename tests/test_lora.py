@@ -489,6 +489,62 @@ def test_mixed_batch_rows_use_their_speakers_statistics(impl, nf4_dir, load_base
     assert _same_stats(_bn_stats(model), base_stats) == [True, True]
 
 
+@pytest.mark.parametrize("impl", ["batched", "peft"])
+def test_mixed_adapters_reloaded_or_refused_leave_the_model_consistent(impl, nf4_dir, other_nf4_file, load_base,
+                                                                       random_batch, tmp_path):
+    """Serving many speakers: an adapter loaded again under the active speaker's name is what that speaker
+    decodes with, statistics included; an adapter that is refused (trained on another base) leaves no
+    half-registered speaker behind, and mixed batches go on as before."""
+    base_file = nf4_dir / "model.safetensors"
+    configs = {"spk": AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules, batchnorm="speaker"),
+               "frz": AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules)}
+    dirs = {}
+    for seed, (name, cfg) in enumerate(configs.items()):
+        m = load_base(base_file)
+        add_adapter(m, cfg)
+        train_steps(m, random_batch(seed=50 + seed), lr=0.05)
+        dirs[name] = save_adapter(m, tmp_path / name, cfg)
+    elsewhere = load_base(other_nf4_file)
+    add_adapter(elsewhere, configs["frz"])
+    dirs["other_base"] = save_adapter(elsewhere, tmp_path / "other_base", configs["frz"])
+
+    speech, lengths = random_batch(seed=31, n=1)[:2]
+
+    def alone(adapter_dir=None):
+        single = load_base(base_file)
+        if adapter_dir is not None:
+            add_adapter(single, adapter_config_of(adapter_dir))
+            load_adapter(single, adapter_dir)
+        single.eval()
+        with torch.no_grad():
+            return single.encode(speech, lengths)[0]
+
+    model = load_base(base_file)
+    base_stats = _bn_stats(model)
+    mixed = load_adapters(model, {"a": dirs["spk"]}, impl=impl)
+    model.eval()
+    mixed.use("a")
+    assert _same_stats(_bn_stats(model), base_stats) == [False, False]
+    mixed.add("a", dirs["frz"])  # speaker a's new adapter: same LoRA shapes, the base's BatchNorm statistics
+    assert _same_stats(_bn_stats(model), base_stats) == [True, True]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(speech, lengths)[0], alone(dirs["frz"]), rtol=1e-4, atol=1e-4)
+
+    with pytest.raises(InputError, match="trained on base") as err:
+        mixed.add("b", dirs["other_base"])
+    assert str(dirs["other_base"]) in str(err.value)
+    assert mixed.names == ["a"] and "b" not in mixed.infos
+    assert not any(".spk_b." in n for n, _ in model.named_parameters())
+    mixed.add("c", dirs["spk"])  # a is still the one speaker decoded outside mixed batches
+    assert _same_stats(_bn_stats(model), base_stats) == [True, True]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(speech, lengths)[0], alone(dirs["frz"]), rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), mixed.rows(["c", None, "a"]):
+        got = model.encode(speech.repeat(3, 1), lengths.repeat(3))[0]
+    for i, want in enumerate([alone(dirs["spk"]), alone(), alone(dirs["frz"])]):
+        torch.testing.assert_close(got[i:i + 1], want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_decoding_with_reloaded_adapter_matches_training_time(nf4_dir, conformer_decode_conf, random_batch, tmp_path):
     """ESPnet's Speech2Text over the NF4 base: train the adapter in the recogniser's own model, decode,

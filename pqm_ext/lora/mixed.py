@@ -109,6 +109,7 @@ class MixedAdapters:
         self.internal: Dict[str, str] = {}
         self.infos: Dict[str, Dict] = {}
         self.statistics: Dict[str, Dict[str, torch.Tensor]] = {}  # BatchNorm statistics of speaker adapters
+        self.active: Optional[str] = None  # the speaker ``use`` made active
         self._stacks: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]] = None
 
     @property
@@ -117,27 +118,46 @@ class MixedAdapters:
 
     def add(self, name: str, adapter_dir: Union[str, Path, None] = None, cfg: Optional[AdapterConfig] = None,
             check_base: bool = True) -> Dict:
-        """Add adapter ``name`` (config from ``adapter_dir`` unless given) and load its weights."""
+        """Add adapter ``name`` (config from ``adapter_dir`` unless given) and load its weights. An adapter
+        that cannot be loaded leaves no trace (a new name is removed again); one loaded again under the
+        active speaker's name is what that speaker decodes with from now on, statistics included."""
         if cfg is None:
             if adapter_dir is None:
                 raise ValueError("give an adapter directory or a config")
             cfg = adapter_config_of(adapter_dir)
         key = internal_name(name)
-        if name not in self.internal:
+        new = name not in self.internal
+        if new:
             if key in self.internal.values():
                 raise ValueError(f"speaker ids {name!r} and another one map to the same adapter name {key!r}")
-            add_adapter(self.model, cfg, key)
+            add_adapter(self.model, cfg, key)  # peft makes the adapter it injects the active one...
             self.internal[name] = key
+            self._stacks = None
+            if self.active is not None:  # ...but one speaker at a time, the speaker ``use`` chose stays
+                self.use(self.active)
         info, stats = {}, {}
         if adapter_dir is not None:
-            info, stats = load_adapter_weights(self.model, adapter_dir, key, check_base=check_base)
+            try:  # the file is checked in full before any weight is loaded
+                info, stats = load_adapter_weights(self.model, adapter_dir, key, check_base=check_base)
+            except BaseException:
+                if new:
+                    self._remove(name)
+                raise
         if stats:
             self.statistics[name] = stats
         else:
             self.statistics.pop(name, None)
         self.infos[name] = info
         self._stacks = None
+        if name == self.active:
+            put_statistics(self.model, self.statistics.get(name))
         return info
+
+    def _remove(self, name: str) -> None:
+        key = self.internal.pop(name)
+        for _, m in lora_layers(self.model):
+            if key in m.lora_A:
+                m.delete_adapter(key)
 
     def slot(self, name: Optional[str]) -> int:
         """Row index into the stacks; the last slot is all zeros (the base alone)."""
@@ -223,6 +243,7 @@ class MixedAdapters:
             for p in m.parameters():
                 p.requires_grad_(False)
         put_statistics(self.model, self.statistics.get(name))
+        self.active = name
 
 
 def _matrix(weight: torch.Tensor) -> torch.Tensor:
