@@ -445,6 +445,17 @@ def test_legacy_freeze_batchnorm_option(tmp_path):
     assert str(old / "adapter_model.safetensors") in str(err.value)
 
 
+def trained_adapters(load_base, base_file, configs, random_batch, tmp_path, first_seed: int) -> dict:
+    """name -> directory of an adapter of that config, trained a few steps on its own random batch."""
+    dirs = {}
+    for seed, (name, cfg) in enumerate(configs.items(), start=first_seed):
+        m = load_base(base_file)
+        add_adapter(m, cfg)
+        train_steps(m, random_batch(seed=seed), lr=0.05)
+        dirs[name] = save_adapter(m, tmp_path / name, cfg)
+    return dirs
+
+
 @pytest.mark.parametrize("impl", ["batched", "peft"])
 def test_mixed_batch_rows_use_their_speakers_statistics(impl, nf4_dir, load_base, random_batch, tmp_path):
     """In a mixed batch, each row is normalised with its own speaker's BatchNorm statistics (the base's for
@@ -454,12 +465,7 @@ def test_mixed_batch_rows_use_their_speakers_statistics(impl, nf4_dir, load_base
     configs = {"a": AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules, batchnorm="speaker"),
                "b": AdapterConfig(rank=2, alpha=4.0, target_modules=ADAPTER.target_modules, batchnorm="speaker"),
                "c": AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules)}
-    dirs = {}
-    for seed, (name, cfg) in enumerate(configs.items()):
-        m = load_base(base_file)
-        add_adapter(m, cfg)
-        train_steps(m, random_batch(seed=20 + seed), lr=0.05)
-        dirs[name] = save_adapter(m, tmp_path / name, cfg)
+    dirs = trained_adapters(load_base, base_file, configs, random_batch, tmp_path, first_seed=20)
 
     model = load_base(base_file)
     mixed = load_adapters(model, dirs, impl=impl)
@@ -498,12 +504,7 @@ def test_mixed_adapters_reloaded_or_refused_leave_the_model_consistent(impl, nf4
     base_file = nf4_dir / "model.safetensors"
     configs = {"spk": AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules, batchnorm="speaker"),
                "frz": AdapterConfig(rank=4, alpha=8.0, target_modules=ADAPTER.target_modules)}
-    dirs = {}
-    for seed, (name, cfg) in enumerate(configs.items()):
-        m = load_base(base_file)
-        add_adapter(m, cfg)
-        train_steps(m, random_batch(seed=50 + seed), lr=0.05)
-        dirs[name] = save_adapter(m, tmp_path / name, cfg)
+    dirs = trained_adapters(load_base, base_file, configs, random_batch, tmp_path, first_seed=50)
     elsewhere = load_base(other_nf4_file)
     add_adapter(elsewhere, configs["frz"])
     dirs["other_base"] = save_adapter(elsewhere, tmp_path / "other_base", configs["frz"])
