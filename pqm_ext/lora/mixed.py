@@ -132,7 +132,6 @@ class MixedAdapters:
                 raise ValueError(f"speaker ids {name!r} and another one map to the same adapter name {key!r}")
             add_adapter(self.model, cfg, key)  # peft makes the adapter it injects the active one...
             self.internal[name] = key
-            self._stacks = None
             if self.active is not None:  # ...but one speaker at a time, the speaker ``use`` chose stays
                 self.use(self.active)
         info, stats = {}, {}
