@@ -3,9 +3,12 @@
 # lent GPU machine (docs/GPU.md says what that machine is and why the run is cut this way). From the
 # repository root there, with the corpus packed by docs/gpu/opus_corpus.py in .gpu/corpus and the Python
 # dependencies the machine lacks as wheels in .whl/:
-#   bash docs/gpu/lent_gpu.sh part1 LIMIT SECONDS   set up; stages 1-3; stage 4 for about SECONDS; stages 5-6
-#   bash docs/gpu/lent_gpu.sh part2 LIMIT           stages 5-8 (the same machine, still warm; 5-6 are skipped
-#                                                   when part1 finished them), RESULTS.md
+#   bash docs/gpu/lent_gpu.sh part1 LIMIT SECONDS   set up; stages 1-3; stage 4 for about SECONDS; stage 5;
+#                                                   the base to $OUT (fp16, in pieces); then as part2
+#   bash docs/gpu/lent_gpu.sh part2 LIMIT           what is left of stages 6-8 (the same machine, still warm:
+#                                                   finished units are skipped), RESULTS.md
+# Stages 6-8 overlap where they do not depend on each other: stage 6 (LoRA pretraining) runs beside the
+# scratch adapters of stage 7, then the PQM adapters, then stage 8.
 # Each part stops its stages in time to copy results and logs to $OUT within LIMIT seconds.
 # PQM_GPU_SETUP=0 skips the set-up (a machine with tools/venv).
 set -euo pipefail
@@ -16,7 +19,8 @@ log() { echo "$(date '+%H:%M:%S') [lent_gpu $SECONDS s] $*" | tee -a "$out/$part
 opts=(--model conformer --corpus_dir "$recipe/downloads/gpu_corpus" --datadir data_gpu --dumpdir dump_gpu
       --model_config "${PQM_GPU_MODEL:-conf/conformer/model_ls100.yaml}"
       --base_train_config "${PQM_GPU_TRAIN:-conf/conformer/train_gpu_demo.yaml}" --nbpe "${PQM_GPU_NBPE:-300}"
-      --ngpu "${PQM_GPU_NGPU:-1}" --nj 12 --jobs_per_gpu 12 --pretrain_args "--batch_size 32")
+      --ngpu "${PQM_GPU_NGPU:-1}" --nj 12 --jobs_per_gpu 12 --baselines ""
+      --pretrain_args "--batch_size 32 --max_epoch ${PQM_GPU_PRETRAIN_EPOCHS:-2}")
 # ESPnet's phoneme tokenizer imports g2p_en, which asks nltk to download two corpora when it cannot find them;
 # that machine reaches no network. Empty archives under NLTK_DATA satisfy the look-up (neither is used).
 export NLTK_DATA=$root/tools/venv/nltk_data
@@ -39,8 +43,12 @@ setup() {
   printf 'export PATH="%s/bin:$PATH"\nexport PYTHONPATH="%s/site:%s${PYTHONPATH:+:$PYTHONPATH}"\n' \
     "$venv" "$venv" "$root" > "$venv/bin/activate"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$venv/site" .whl/*.whl
+  # the carried peft is the one the tests ran with; if it does not import beside the image's transformers,
+  # the image's own peft is used instead
+  (. "$venv/bin/activate" && python -c 'import peft.tuners.lora') 2>/dev/null || {
+    log "carried peft does not import here: using the image's"; rm -rf "$venv"/site/peft "$venv"/site/peft-*; }
   # shellcheck disable=SC1091
-  (. "$venv/bin/activate" && python -c 'import pqm_ext.tasks.pqm_asr, espnet2.tasks.asr, espnet2.bin.asr_inference, bitsandbytes, jiwer, kaldiio, librosa, torch; print("imports ok: torch", torch.__version__, torch.cuda.get_device_name(0))') 2>&1 | tail -1 | tee -a "$out/$part.log"
+  (. "$venv/bin/activate" && python -c 'import pqm_ext.tasks.pqm_asr, espnet2.tasks.asr, espnet2.bin.asr_inference, bitsandbytes, jiwer, kaldiio, librosa, torch; import peft, transformers; print("imports ok: torch", torch.__version__, "peft", peft.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name(0))') 2>&1 | tail -1 | tee -a "$out/$part.log"
   (. "$venv/bin/activate" && python docs/gpu/opus_corpus.py unpack .gpu/corpus "$recipe/downloads/gpu_corpus" --nj 16)
 }
 
@@ -123,17 +131,46 @@ collect() {
   cd "$root"
 }
 
+# The base as it left stage 4, in float16 and in pieces of 15 MiB ($OUT takes files of at most 16 MiB), so that
+# it can be carried to another machine: cat base_fp16.tar.* | tar x
+export_base() {
+  cd "$recipe/exp/conformer"
+  "$root/tools/venv/bin/python" -c 'import sys, torch; from safetensors.torch import load_file, save_file
+w = load_file(sys.argv[1]); save_file({k: v.half() if v.is_floating_point() else v for k, v in w.items()}, sys.argv[2])' \
+    base/model.safetensors base_fp16.safetensors
+  tar cf - base_fp16.safetensors $(ls base/* | grep -v model.safetensors) | split -b 15M - "$out/base_fp16.tar."
+  rm base_fp16.safetensors
+  log "base exported: $(ls "$out"/base_fp16.tar.* | wc -l) pieces"
+  cd "$root"
+}
+
+# Stages 6-8 in what is left of LIMIT: stage 6 beside stage 7's scratch adapters (they do not need its
+# pretrained LoRA), then stage 7 again (its scratch units are skipped), then stage 8
+rest() {
+  local left=$((limit - SECONDS - 20)) p6 p7 rc=0
+  [ "$left" -gt 30 ] || { log "no time left for stages 6-8"; return 1; }
+  log "stage 6 beside stage 7 (scratch)"
+  start "$left" --stage 6 --stop_stage 6; p6=$!
+  start "$left" --stage 7 --stop_stage 7 --inits scratch; p7=$!
+  reap $p6 || rc=$?
+  reap $p7 || rc=$?
+  [ "$rc" = 0 ] || { log "stages 6/7 ended with status $rc (124: out of time)"; return 1; }
+  log "stages 7 (PQM) and 8"; stages --stage 7 --stop_stage 8
+}
+
 trap collect EXIT
 case $part in
   part1)
     setup
     log "stages 1-3"; stages --stop_stage 3
     stage4
-    log "stages 5-6"; stages --stage 5 --stop_stage 6
+    log "stage 5"; stages --stage 5 --stop_stage 5
+    export_base
+    rest
     ;;
   part2)
     [ -x tools/venv/bin/python ] || { log "no tools/venv: part2 runs on the machine part1 set up"; exit 1; }
-    log "stages 5-8"; stages --stage 5 --stop_stage 8
+    rest
     ;;
   *) echo "usage: $0 part1 LIMIT SECONDS | part2 LIMIT" >&2; exit 2 ;;
 esac
