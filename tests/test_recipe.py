@@ -163,7 +163,10 @@ def test_stage_7_killed_half_way_resumes_to_the_same_adapters(recipe):
     done = len(adapters(recipe))
     assert 2 <= done < len(reference), f"kill came too late ({done} of {len(reference)} adapters done)"
     res = run_recipe(recipe, "--stage", "7", "--stop_stage", "7")
-    assert res.returncode == 0
+    # the jobs' logs say why a resumed unit failed (later tests overwrite them)
+    logs = "\n".join(f"== {p.name}\n" + p.read_text()[-3000:]
+                     for p in sorted((recipe / "exp/whisper/adapt/log").glob("adapt.*.log")))
+    assert res.returncode == 0, f"{res.stderr[-2000:]}\n{logs}"
     resumed = adapters(recipe)
     assert sorted(resumed) == sorted(reference)
     for unit, tensors in reference.items():
