@@ -288,3 +288,31 @@ def test_a_table_refuses_a_decoding_record_it_cannot_read_or_that_names_other_se
         check_decoded_with(hyp.parent, ["a", "b"], conf)
     check_decoded_with(hyp.parent, ["a", "c"], conf)  # no record: nothing to refuse
     assert decode_timing(hyp.parent, ["a", "b"]) == {"audio_s": 4.0, "decode_s": 4.0, "rtf": 1.0}
+
+
+def test_a_unit_killed_inside_an_atomic_write_leaves_temporaries_that_its_next_start_discards(tmp_path):
+    """SIGKILL gives atomic_dir no chance to clean up: the half-written temporary stays (never under the real
+    name). train_adapter sweeps a unit's own temporaries as it starts; the finished siblings stay."""
+    import signal
+    import subprocess
+    import sys
+
+    from pqm_ext.utils.fileio import discard_temporaries
+
+    unit = tmp_path / "unit"
+    (unit / "data").mkdir(parents=True)
+    (unit / "data" / "text").write_text("u1 HELLO\n")
+    code = ("import sys, time; from pqm_ext.utils.fileio import atomic_dir\n"
+            "with atomic_dir(sys.argv[1] + '/adapter') as tmp:\n"
+            "    (tmp / 'adapter_model.safetensors').write_bytes(b'half')\n"
+            "    print('writing', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(unit)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = [p.name for p in unit.iterdir() if p.name.startswith(".adapter.tmp-")]
+    assert len(left) == 1 and not (unit / "adapter").exists()
+    (unit / ".made_from.json.tmp-x").write_text("{")
+    discard_temporaries(unit)
+    assert sorted(p.name for p in unit.iterdir()) == ["data"]
+    assert (unit / "data" / "text").read_text() == "u1 HELLO\n"

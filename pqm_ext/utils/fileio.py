@@ -1,7 +1,7 @@
 """Atomic outputs: write to a temporary sibling, rename when complete.
 
 A stage that is killed half-way therefore never leaves a file or directory that looks finished;
-re-running it simply starts that unit of work again.
+re-running it simply starts that unit of work again (and sweeps the unit's temporaries: discard_temporaries).
 """
 from __future__ import annotations
 
@@ -77,3 +77,18 @@ def _writable_parent(path: Path) -> Path:
 def write_text_atomic(path: PathLike, text: str) -> None:
     with atomic_file(path) as f:
         f.write(text)
+
+
+def discard_temporaries(directory: PathLike) -> None:
+    """Remove the temporary siblings (``.<name>.tmp-*``) that a process killed inside ``atomic_dir`` or
+    ``atomic_file`` left in ``directory``. Only for a directory that no other process is writing: a unit of
+    work calls it as it starts, before it writes anything there."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for tmp in directory.glob(".*.tmp-*"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
