@@ -5,8 +5,8 @@
 # dependencies the machine lacks as wheels in .whl/:
 #   bash docs/gpu/lent_gpu.sh part1 LIMIT SECONDS   set up; stages 1-3; stage 4 for about SECONDS; stage 5;
 #                                                   the base to $OUT (fp16, in pieces); then as part2
-#   bash docs/gpu/lent_gpu.sh part2 LIMIT           what is left of stages 6-8 (the same machine, still warm:
-#                                                   finished units are skipped), RESULTS.md
+#   bash docs/gpu/lent_gpu.sh part2 LIMIT           what is left of stages 5-8 (the same machine, still warm:
+#                                                   finished stages and units are skipped), RESULTS.md
 # Stages 6-8 overlap where they do not depend on each other: stage 6 (LoRA pretraining) runs beside the
 # scratch adapters of stage 7, then the PQM adapters, then stage 8.
 # Each part stops its stages in time to copy results and logs to $OUT within LIMIT seconds.
@@ -170,6 +170,7 @@ case $part in
     ;;
   part2)
     [ -x tools/venv/bin/python ] || { log "no tools/venv: part2 runs on the machine part1 set up"; exit 1; }
+    log "stage 5 (kept if part1 made it)"; stages --stage 5 --stop_stage 5
     rest
     ;;
   *) echo "usage: $0 part1 LIMIT SECONDS | part2 LIMIT" >&2; exit 2 ;;
