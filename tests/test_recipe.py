@@ -7,6 +7,7 @@ options, and run a tagged variant beside the default table.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Dict
 
+import psutil
 import pytest
 import yaml
 from safetensors.torch import load_file
@@ -158,13 +160,22 @@ def test_stage_7_killed_half_way_resumes_to_the_same_adapters(recipe):
     deadline = time.time() + 600
     while time.time() < deadline and len(adapters(recipe)) < 2:
         time.sleep(0.5)
+    # Everything dies at once, as in a crash: pqm.sh's group and the jobs, which the launcher starts in sessions
+    # of their own (a SIGKILLed launcher cannot stop them; left running, they would race the resumed run).
+    # The group is stopped first, so that no job starts between listing them and the kill.
+    os.killpg(proc.pid, signal.SIGSTOP)
+    jobs = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for job in jobs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            job.kill()
+    psutil.wait_procs(jobs, timeout=30)
     proc.wait()
     done = len(adapters(recipe))
     assert 2 <= done < len(reference), f"kill came too late ({done} of {len(reference)} adapters done)"
     res = run_recipe(recipe, "--stage", "7", "--stop_stage", "7")
     # the jobs' logs say why a resumed unit failed (later tests overwrite them)
-    logs = "\n".join(f"== {p.name}\n" + p.read_text()[-3000:]
+    logs = "\n".join(f"== {p.name}\n" + p.read_text(errors="replace")[-3000:]
                      for p in sorted((recipe / "exp/whisper/adapt/log").glob("adapt.*.log")))
     assert res.returncode == 0, f"{res.stderr[-2000:]}\n{logs}"
     resumed = adapters(recipe)

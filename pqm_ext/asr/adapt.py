@@ -26,7 +26,7 @@ from pqm_ext.asr.layout import ExpLayout
 from pqm_ext.asr.train import ADAPTER, train_adapter
 from pqm_ext.data.kaldi_dir import DataDir
 from pqm_ext.utils.errors import InputError
-from pqm_ext.utils.fileio import atomic_dir
+from pqm_ext.utils.fileio import atomic_dir, unit_of_work
 
 logger = logging.getLogger(__name__)
 INITS = ("scratch", "pretrained", "semi")
@@ -99,27 +99,29 @@ def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, 
         for init in inits:
             out = layout.adapt(init, n, spk)
             try:
-                if init == "semi" and labels is None:
-                    raise ValueError("init 'semi' needs pseudo-labels (--pseudo_text)")
-                utts = with_pseudo_labels(order[:n], labels, pseudo_text) if init == "semi" else order[:n]
-                train_utts, valid_utts = split_train_valid(utts, valid_fraction)
-                subset = adaptation_set(data, utts, labels if init == "semi" else None, pseudo_text)
-                data_dir, valid_dir = out / "data", out / "data_valid"
-                # Rewritten every time (they are small): a unit resumed with another valid_fraction or other
-                # pseudo-labels must not train on the split an earlier run wrote.
-                for path, part in ((data_dir, subset.subset(train_utts)), (valid_dir, subset.subset(valid_utts))):
-                    with atomic_dir(path, overwrite=True) as tmp:
-                        part.write(tmp)
-                init_adapter = str(layout.pretrain / ADAPTER) if init in ("pretrained", "semi") else None
-                early_stopping = valid_fraction > 0
-                info = {"speaker": spk, "n_utts": n, "init": init, "trained_on": len(train_utts),
-                        "held_out": len(valid_utts) if early_stopping else 0,
-                        "labels": str(pseudo_text) if init == "semi" else "reference"}
-                train_adapter(layout.quantized(), configs[init], data_dir, valid_dir, out, init_adapter=init_adapter,
-                              ngpu=ngpu, seed=seed, info=info, extra_args=list(train_args),
-                              overrides={"adapter_select": "best" if early_stopping else "last"},
-                              keep_checkpoints=keep_checkpoints)
-                logger.info("%s n=%d init=%s: adapter ready", spk, n, init)
+                with unit_of_work(out, "train"):  # alone on it; a killed run's temporaries swept
+                    if init == "semi" and labels is None:
+                        raise ValueError("init 'semi' needs pseudo-labels (--pseudo_text)")
+                    utts = with_pseudo_labels(order[:n], labels, pseudo_text) if init == "semi" else order[:n]
+                    train_utts, valid_utts = split_train_valid(utts, valid_fraction)
+                    subset = adaptation_set(data, utts, labels if init == "semi" else None, pseudo_text)
+                    data_dir, valid_dir = out / "data", out / "data_valid"
+                    # Rewritten every time (they are small): a unit resumed with another valid_fraction or other
+                    # pseudo-labels must not train on the split an earlier run wrote.
+                    for path, part in ((data_dir, subset.subset(train_utts)), (valid_dir, subset.subset(valid_utts))):
+                        with atomic_dir(path, overwrite=True) as tmp:
+                            part.write(tmp)
+                    init_adapter = str(layout.pretrain / ADAPTER) if init in ("pretrained", "semi") else None
+                    early_stopping = valid_fraction > 0
+                    info = {"speaker": spk, "n_utts": n, "init": init, "trained_on": len(train_utts),
+                            "held_out": len(valid_utts) if early_stopping else 0,
+                            "labels": str(pseudo_text) if init == "semi" else "reference"}
+                    train_adapter(layout.quantized(), configs[init], data_dir, valid_dir, out,
+                                  init_adapter=init_adapter, ngpu=ngpu, seed=seed, info=info,
+                                  extra_args=list(train_args),
+                                  overrides={"adapter_select": "best" if early_stopping else "last"},
+                                  keep_checkpoints=keep_checkpoints)
+                    logger.info("%s n=%d init=%s: adapter ready", spk, n, init)
             except Exception as e:  # one unit's failure must not cost the others
                 logger.error("%s n=%d init=%s failed:\n%s", spk, n, init, traceback.format_exc())
                 failures.append(f"{spk} n={n} init={init}: {type(e).__name__}: {e}")

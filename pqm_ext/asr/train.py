@@ -23,7 +23,7 @@ from pqm_ext.asr.model_io import MODEL_FILE, bundled_bpemodel
 from pqm_ext.lora.config import AdapterConfig
 from pqm_ext.lora.io import WEIGHTS, adapter_info
 from pqm_ext.utils.errors import InputError
-from pqm_ext.utils.fileio import discard_temporaries, write_text_atomic
+from pqm_ext.utils.fileio import write_text_atomic
 from pqm_ext.utils.provenance import canonical, file_digest, files_digest, read_record, reusable
 
 logger = logging.getLogger(__name__)
@@ -112,8 +112,6 @@ def train_adapter(model_dir, train_config, train_data, valid_data, out_dir, *, i
                                     init_adapter=init_adapter, ngpu=ngpu, seed=seed, overrides=overrides,
                                     extra_args=extra_args)
     adapter_dir = out_dir / ADAPTER
-    for directory in (out_dir, out_dir / "train"):  # what a killed run of this unit left half-written
-        discard_temporaries(directory)
     if is_current(out_dir, made_from):
         logger.info("%s exists, made from the same inputs: skipping", adapter_dir)
         return adapter_dir

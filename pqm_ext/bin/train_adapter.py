@@ -19,6 +19,7 @@ import sys
 from pqm_ext.asr.train import is_current, train_adapter, training_plan
 from pqm_ext.utils.cli import entry_point
 from pqm_ext.utils.errors import InputError
+from pqm_ext.utils.fileio import unit_of_work
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -49,9 +50,10 @@ def main(argv=None) -> None:
             logging.error("%s", e)
             sys.exit(2)
         sys.exit(0 if is_current(a.out, made_from) else 1)
-    train_adapter(a.model_dir, a.train_config, a.train_data, a.valid_data, a.out, init_adapter=a.init_adapter,
-                  ngpu=a.ngpu, seed=a.seed, info={"stage": "lora_pretrain", "train_data": a.train_data},
-                  extra_args=shlex.split(a.train_args))
+    with unit_of_work(a.out, "train"):
+        train_adapter(a.model_dir, a.train_config, a.train_data, a.valid_data, a.out, init_adapter=a.init_adapter,
+                      ngpu=a.ngpu, seed=a.seed, info={"stage": "lora_pretrain", "train_data": a.train_data},
+                      extra_args=shlex.split(a.train_args))
 
 
 if __name__ == "__main__":

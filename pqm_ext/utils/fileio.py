@@ -1,11 +1,14 @@
 """Atomic outputs: write to a temporary sibling, rename when complete.
 
 A stage that is killed half-way therefore never leaves a file or directory that looks finished;
-re-running it simply starts that unit of work again (and sweeps the unit's temporaries: discard_temporaries).
+re-running it simply starts that unit of work again. A process killed inside one of these leaves its
+temporary (``.<name>.tmp-*``, never the real name) behind; ``unit_of_work`` sweeps a unit's temporaries when the
+unit starts again, under a lock that keeps a second process off the unit.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -79,10 +82,12 @@ def write_text_atomic(path: PathLike, text: str) -> None:
         f.write(text)
 
 
+LOCK = ".lock"
+
+
 def discard_temporaries(directory: PathLike) -> None:
     """Remove the temporary siblings (``.<name>.tmp-*``) that a process killed inside ``atomic_dir`` or
-    ``atomic_file`` left in ``directory``. Only for a directory that no other process is writing: a unit of
-    work calls it as it starts, before it writes anything there."""
+    ``atomic_file`` left in ``directory``. Only for a directory no other process writes: see unit_of_work."""
     directory = Path(directory)
     if not directory.is_dir():
         return
@@ -92,3 +97,29 @@ def discard_temporaries(directory: PathLike) -> None:
         else:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+@contextlib.contextmanager
+def unit_of_work(directory: PathLike, *subdirs: str) -> Iterator[Path]:
+    """Work on ``directory`` alone: hold an exclusive lock on ``<directory>/.lock`` (flock: the kernel drops it
+    when the process ends, however it ends), then sweep the temporaries a killed earlier run left in it and in
+    its ``subdirs``. Another process on the same unit (a job of a launcher that was killed with SIGKILL and so
+    could not stop it, or a second run of the recipe) is refused with an error naming the unit and the pid
+    that holds it, instead of writing over it."""
+    directory = Path(directory)
+    _writable_parent(directory / LOCK)
+    with open(directory / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise InputError(directory, f"in use by another process (pid {holder}): a run still going, or a job "
+                                        "left running by a killed one; let it finish or stop it") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        for d in (directory, *(directory / sub for sub in subdirs)):
+            discard_temporaries(d)
+        yield directory
