@@ -7,6 +7,7 @@
 #                                                   the base to $OUT (fp16, in pieces); then as part2
 #   bash docs/gpu/lent_gpu.sh part2 LIMIT           what is left of stages 5-8 (the same machine, still warm:
 #                                                   finished stages and units are skipped), RESULTS.md
+#   bash docs/gpu/lent_gpu.sh export LIMIT          only the base to $OUT
 # Stages 6-8 overlap where they do not depend on each other: stage 6 (LoRA pretraining) runs beside the
 # scratch adapters of stage 7, then the PQM adapters, then stage 8.
 # Each part stops its stages in time to copy results and logs to $OUT within LIMIT seconds.
@@ -55,10 +56,14 @@ setup() {
 # timeout(1) puts itself and run.sh in a process group of their own (its pid) and returns once run.sh is gone,
 # while the launcher in that group may still be stopping its jobs and writing their logs: wait for the group
 # to empty before reading the logs or starting the stage again.
+# (The group holds timeout, run.sh and the launcher, not the jobs, which have sessions of their own; the launcher
+# waits for its jobs after SIGTERM, so an empty group means they are gone too.) At most 60 s, and not past LIMIT.
 settle() {
-  local i
-  for i in $(seq 60); do pgrep -g "$1" >/dev/null || return 0; sleep 1; done
-  log "process group $1 still running after 60 s"
+  local i wait=$((limit - SECONDS - 10))
+  [ "$wait" -le 60 ] || wait=60
+  [ "$wait" -ge 1 ] || wait=1
+  for i in $(seq "$wait"); do pgrep -g "$1" >/dev/null || return 0; sleep 1; done
+  log "process group $1 still running after $wait s"
 }
 
 # Start run.sh "${opts[@]}" ARGS in the background under timeout(1) (SIGTERM after SECONDS: the launcher stops
@@ -109,7 +114,6 @@ stage4() {
     fi
   done
   reap $pid || true
-  cp exp/conformer/base_train/train.log "$out/stage4_train.log"
   if [ ! -f exp/conformer/base/model.safetensors ]; then
     local k; k=$(last_epoch results)
     [ "$k" -gt 0 ] || { log "stage 4 finished no epoch"; exit 1; }
@@ -122,26 +126,36 @@ stage4() {
 
 collect() {
   cd "$recipe"
-  for f in exp/conformer/RESULTS.md exp/conformer/results.json exp/conformer/wer_vs_n.png; do
+  # $OUT returns at most 8 files: the base's 4 pieces, part's log, this archive and the table (the plot and
+  # every log, stage 4's ESPnet log included, are in the archive)
+  for f in exp/conformer/RESULTS.md exp/conformer/results.json; do
     [ ! -f "$f" ] || cp "$f" "$out/"
   done
   tar czf "$out/logs_$part.tgz" --ignore-failed-read $(ls -d exp/conformer/*/*.log exp/conformer/base*/config.yaml \
     exp/conformer/*/size_report.* exp/conformer/*/log exp/conformer/*/*/log data_gpu/sa_splits/prepare.yaml \
-    2>/dev/null) 2>/dev/null || true
+    exp/conformer/wer_vs_n.png 2>/dev/null) 2>/dev/null || true
   cd "$root"
 }
 
-# The base as it left stage 4, in float16 and in pieces of 15 MiB ($OUT takes files of at most 16 MiB), so that
-# it can be carried to another machine: cat base_fp16.tar.* | tar x
+# The base as it left stage 4, in float16 (its format record kept) and in pieces of 15 MiB ($OUT takes files of
+# at most 16 MiB), so that it can be carried to another machine: `cat base_fp16.tar.* | tar x` gives base/,
+# a model directory that --pretrained_model takes. A by-product: a failure here is logged, the run goes on.
 export_base() {
-  cd "$recipe/exp/conformer"
-  "$root/tools/venv/bin/python" -c 'import sys, torch; from safetensors.torch import load_file, save_file
-w = load_file(sys.argv[1]); save_file({k: v.half() if v.is_floating_point() else v for k, v in w.items()}, sys.argv[2])' \
-    base/model.safetensors base_fp16.safetensors
-  tar cf - base_fp16.safetensors $(ls base/* | grep -v model.safetensors) | split -b 15M - "$out/base_fp16.tar."
-  rm base_fp16.safetensors
+  local exp=$recipe/exp/conformer
+  [ $((limit - SECONDS)) -gt 60 ] || { log "no time left to export the base"; return 1; }
+  rm -rf "$exp/base_fp16"; mkdir -p "$exp/base_fp16/base"
+  cp -r $(ls -d "$exp"/base/* | grep -v '/model.safetensors$') "$exp/base_fp16/base/" || return 1
+  (. "$root/tools/venv/bin/activate" && python -c 'import sys
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+with safe_open(sys.argv[1], "pt") as f:
+    meta = f.metadata()
+w = load_file(sys.argv[1])
+save_file({k: v.half() if v.is_floating_point() else v for k, v in w.items()}, sys.argv[2], metadata=meta)' \
+    "$exp/base/model.safetensors" "$exp/base_fp16/base/model.safetensors") || return 1
+  tar cf - -C "$exp/base_fp16" base | split -b 15M - "$out/base_fp16.tar." || return 1
+  rm -rf "$exp/base_fp16"; touch "$exp/base/.exported"
   log "base exported: $(ls "$out"/base_fp16.tar.* | wc -l) pieces"
-  cd "$root"
 }
 
 # Stages 6-8 in what is left of LIMIT: stage 6 beside stage 7's scratch adapters (they do not need its
@@ -152,9 +166,9 @@ rest() {
   log "stage 6 beside stage 7 (scratch)"
   start "$left" --stage 6 --stop_stage 6; p6=$!
   start "$left" --stage 7 --stop_stage 7 --inits scratch; p7=$!
-  reap $p6 || rc=$?
-  reap $p7 || rc=$?
-  [ "$rc" = 0 ] || { log "stages 6/7 ended with status $rc (124: out of time)"; return 1; }
+  reap $p6 || { rc=$?; log "stage 6 ended with status $rc (124: out of time)"; }
+  reap $p7 || { rc=$?; log "stage 7 (scratch) ended with status $rc (124: out of time)"; }
+  [ "$rc" = 0 ] || return 1
   log "stages 7 (PQM) and 8"; stages --stage 7 --stop_stage 8
 }
 
@@ -165,14 +179,16 @@ case $part in
     log "stages 1-3"; stages --stop_stage 3
     stage4
     log "stage 5"; stages --stage 5 --stop_stage 5
-    export_base
-    rest
+    export_base || log "the base was not exported"
+    rest || { log "part1 ends here: part2 goes on"; exit 0; }
     ;;
   part2)
     [ -x tools/venv/bin/python ] || { log "no tools/venv: part2 runs on the machine part1 set up"; exit 1; }
     log "stage 5 (kept if part1 made it)"; stages --stage 5 --stop_stage 5
+    [ -f "$recipe/exp/conformer/base/.exported" ] || export_base || log "the base was not exported"
     rest
     ;;
-  *) echo "usage: $0 part1 LIMIT SECONDS | part2 LIMIT" >&2; exit 2 ;;
+  export) export_base ;;
+  *) echo "usage: $0 part1 LIMIT SECONDS | part2 LIMIT | export LIMIT" >&2; exit 2 ;;
 esac
 log "$part done"
