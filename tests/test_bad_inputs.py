@@ -4,7 +4,9 @@ test_quant_checkpoint.py and test_lora.py; these are the recipe- and stage-level
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from pqm_ext.lora import AdapterConfig
 from pqm_ext.models.whisper import read_whisper_checkpoint
 from pqm_ext.quant import QuantConfig
 from pqm_ext.utils.errors import InputError
-from pqm_ext.utils.fileio import atomic_dir, write_text_atomic
+from pqm_ext.utils.fileio import atomic_dir, unit_of_work, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -290,36 +292,33 @@ def test_a_table_refuses_a_decoding_record_it_cannot_read_or_that_names_other_se
     assert decode_timing(hyp.parent, ["a", "b"]) == {"audio_s": 4.0, "decode_s": 4.0, "rtf": 1.0}
 
 
-
+@contextlib.contextmanager
 def _child(code: str, *args: str):
-    """A real process running ``code`` that prints one line when it is where the test wants it."""
+    """A real process running ``code``; yields it and the one line it prints when it is where the test wants
+    it, and SIGKILLs it on the way out."""
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[1])
-    return proc, proc.stdout.readline().strip()
+    try:
+        yield proc, proc.stdout.readline().strip()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
 
 
 def test_a_unit_killed_inside_an_atomic_write_is_swept_when_it_starts_again(tmp_path):
     """SIGKILL gives atomic_dir no chance to clean up: its half-written temporary stays (never under the real
     name) until the unit starts again; the unit's finished files stay."""
-    import signal
-
-    from pqm_ext.utils.fileio import unit_of_work
-
     unit = tmp_path / "unit"
     (unit / "data").mkdir(parents=True)
     (unit / "data" / "text").write_text("u1 HELLO\n")
     (unit / "train").mkdir()
     (unit / "train" / ".made_from.json.tmp-x").write_text("{")
-    proc, said = _child("import sys, time; from pqm_ext.utils.fileio import atomic_dir\n"
-                        "with atomic_dir(sys.argv[1] + '/adapter') as tmp:\n"
-                        "    (tmp / 'adapter_model.safetensors').write_bytes(b'half')\n"
-                        "    print('writing', flush=True); time.sleep(60)\n", str(unit))
-    try:
+    with _child("import sys, time; from pqm_ext.utils.fileio import atomic_dir\n"
+                "with atomic_dir(sys.argv[1] + '/adapter') as tmp:\n"
+                "    (tmp / 'adapter_model.safetensors').write_bytes(b'half')\n"
+                "    print('writing', flush=True); time.sleep(60)\n", str(unit)) as (_, said):
         assert said == "writing"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
     assert [p.name for p in unit.iterdir() if p.name.startswith(".adapter.tmp-")] and not (unit / "adapter").exists()
     with unit_of_work(unit, "train"):
         assert sorted(p.name for p in unit.iterdir()) == [".lock", "data", "train"]
@@ -330,24 +329,15 @@ def test_a_unit_killed_inside_an_atomic_write_is_swept_when_it_starts_again(tmp_
 def test_a_unit_in_use_by_a_live_process_is_refused_and_free_once_it_dies(tmp_path):
     """A job left running by a launcher killed with SIGKILL, or a second run of the recipe, must not train the
     same unit at the same time (nor have its temporaries swept): it is refused, naming the unit and the pid."""
-    import signal
-
-    from pqm_ext.utils.fileio import unit_of_work
-
     unit = tmp_path / "adapt" / "scratch" / "n5" / "spk1"
-    proc, said = _child("import sys, time; from pqm_ext.utils.fileio import unit_of_work\n"
-                        "with unit_of_work(sys.argv[1]) as d:\n"
-                        "    (d / '.adapter.tmp-live').mkdir()\n"
-                        "    print('working', flush=True); time.sleep(60)\n", str(unit))
-    try:
+    with _child("import sys, time; from pqm_ext.utils.fileio import unit_of_work\n"
+                "with unit_of_work(sys.argv[1]) as d:\n"
+                "    (d / '.adapter.tmp-live').mkdir()\n"
+                "    print('working', flush=True); time.sleep(60)\n", str(unit)) as (proc, said):
         assert said == "working"
         with pytest.raises(InputError, match=f"{unit}: in use by another process \\(pid {proc.pid}\\)"):
             with unit_of_work(unit):
                 pass
         assert (unit / ".adapter.tmp-live").is_dir()  # the live writer's temporary was not touched
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
     with unit_of_work(unit):  # the kernel dropped the dead holder's lock
         assert not (unit / ".adapter.tmp-live").exists()
