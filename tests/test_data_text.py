@@ -12,6 +12,8 @@ from pqm_ext.demo.text import MAX_WORDS, MIN_WORDS, clean_sentence, load_sentenc
     ("A long-forgotten loved one -- will appear.", "A LONG FORGOTTEN LOVED ONE WILL APPEAR"),
     ("Café  naïve ' ''", "CAFE NAIVE"),
     ("and/or under_score", "AND OR UNDER SCORE"),
+    ("A well\u2013known fact \u2014 na\u00efve\u2014really", "A WELL KNOWN FACT NAIVE REALLY"),  # en/em dashes
+    ("Tom\u2019s `twas", "TOM'S 'TWAS"),  # typographic apostrophes are apostrophes
     ("", ""),
 ])
 def test_normalise_text(raw, expected):

@@ -42,6 +42,26 @@ def test_paired_interval_sees_a_small_consistent_gain_that_separate_intervals_hi
     assert c["p_better"] == 1.0
 
 
+def test_whisper_style_text_is_scored_against_the_corpus_normal_form():
+    """Cased, punctuated output with dashes, accents and a typographic apostrophe is right word for word."""
+    refs = {"a": "THE CAFE WAS NAIVE REALLY", "b": "TOM'S WELL KNOWN FRIEND AND OR HER", "c": "FIVE PERCENT"}
+    hyps = {"a": "The caf\u00e9 was na\u00efve\u2014really.", "b": "Tom\u2019s well\u2013known friend, and/or her!",
+            "c": "5%"}
+    scores = {s.utt: s for s in score_utterances(refs, hyps)}
+    assert scores["a"].errors == 0 and scores["b"].errors == 0
+    assert (scores["c"].sub, scores["c"].dele) == (1, 1)  # digits are not rewritten: "5" is a wrong word
+
+
+def test_paired_bootstrap_has_no_relative_interval_where_the_baseline_can_have_no_error():
+    refs = {f"u{i}": "a b c d" for i in range(10)}
+    base = score_utterances(refs, {**{u: "a b c d" for u in refs}, "u0": "a b c x"})
+    system = score_utterances(refs, {**{u: "a b c d" for u in refs}, "u1": "a b c x"})
+    c = paired_bootstrap(base, system)
+    assert c["rel_reduction"] == 0.0 and c["rel_reduction_ci95"] is None  # was about -7.5e10 to 1
+    lo, hi = c["wer_diff_ci95"]
+    assert -0.1 <= lo <= 0 <= hi <= 0.1
+
+
 def test_paired_bootstrap_refuses_systems_scored_on_different_utterances():
     base = score_utterances(REFS, hyps_with_errors(BASE))
     with pytest.raises(ValueError, match="not scored on the same utterances"):

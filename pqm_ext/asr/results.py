@@ -184,7 +184,7 @@ def render_markdown(r: Dict) -> str:
                   f"models{start}.", ""]
     lines += [f"Target speakers: {len(r['speakers'])}, test utterances: {r['test_utts']}. "
               f"WER pooled over all test words (errors / reference words), 95% bootstrap interval over utterances. "
-              f"Decoding: {json.dumps(r['decode'])}. Normalisation: lower case, punctuation removed (pqm_ext.asr.score).",
+              f"Decoding: {json.dumps(r['decode'])}. Normalisation: accents folded, lower case, dashes and slashes split words, other punctuation removed (pqm_ext.asr.score).",
               "The relative reduction's interval is paired: FP and the system are resampled with the same utterances.",
               "", "| system | N adapt utts | WER % | 95% CI | sub/del/ins | rel. WER reduction vs FP % "
               "| paired 95% CI | base size MB |", "|---|---|---|---|---|---|---|---|"]

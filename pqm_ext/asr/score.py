@@ -1,9 +1,11 @@
 """WER with jiwer after one documented normalisation, per speaker and pooled, with bootstrap CIs.
 
-Normalisation (applied to references and hypotheses alike): lower case; hyphens become spaces;
-punctuation removed (so "don't" and "dont" match); whitespace collapsed. Whisper writes cased,
-punctuated text and the corpora are upper case without punctuation: this makes them comparable
-without rewriting words (no spelling or number normalisation).
+Normalisation (applied to references and hypotheses alike): accents folded (``café`` = ``CAFE``, as
+the corpus readers write it); lower case; hyphens and dashes (``-``, ``–``, ``—``), slashes and
+underscores become spaces, as they separate words in the corpora's normal form; other punctuation
+removed (so "don't", "don’t" and "dont" match); whitespace collapsed. Whisper writes cased, punctuated
+text and the corpora are upper case without punctuation: this makes them comparable without rewriting
+words (no spelling or number normalisation: a hypothesis's digits stay, and count as errors).
 
 WER is pooled over words: total errors (substitutions + deletions + insertions) / reference words.
 The 95% interval resamples utterances with replacement (1000 draws, fixed seed), as suggested for
@@ -19,9 +21,11 @@ from typing import Dict, List, Sequence, Tuple
 import jiwer
 import numpy as np
 
+from pqm_ext.data.text import fold_accents
+
 NORMALIZE = jiwer.Compose([
     jiwer.ToLowerCase(),
-    jiwer.SubstituteRegexes({r"-": " "}),
+    jiwer.SubstituteRegexes({r"[-\u2010-\u2015\u2212_/]+": " "}),
     jiwer.RemovePunctuation(),
     jiwer.RemoveMultipleSpaces(),
     jiwer.Strip(),
@@ -29,7 +33,7 @@ NORMALIZE = jiwer.Compose([
 
 
 def normalize(text: str) -> str:
-    return NORMALIZE(text)
+    return NORMALIZE(fold_accents(text))
 
 
 @dataclass
@@ -84,8 +88,9 @@ def paired_bootstrap(base: Sequence[UttScore], system: Sequence[UttScore], draws
                      seed: int = 0) -> Dict:
     """How much ``system`` lowers ``base``'s WER on the same utterances, with a paired 95% interval.
 
-    Returns the relative reduction (base - system) / base and its interval, the difference in WER
-    points and its interval, and the share of resamples in which ``system`` has fewer errors.
+    Returns the relative reduction (base - system) / base and its interval (None when some resample
+    of ``base`` has no error, so the ratio is undefined there), the difference in WER points and its
+    interval, and the share of resamples in which ``system`` has fewer errors.
     """
     if [s.utt for s in base] != [s.utt for s in system]:
         raise ValueError("paired_bootstrap: the two systems were not scored on the same utterances")
@@ -95,11 +100,15 @@ def paired_bootstrap(base: Sequence[UttScore], system: Sequence[UttScore], draws
     idx = np.random.default_rng(seed).integers(0, len(base), size=(draws, len(base)))
     n_words = np.maximum(words[idx].sum(1), 1)
     wb, ws = eb[idx].sum(1) / n_words, es[idx].sum(1) / n_words
-    rel = (wb - ws) / np.maximum(wb, 1e-12)
     wer_b, wer_s = pooled_wer(base), pooled_wer(system)
+    # A resample without a baseline error has no relative reduction; dividing by ~0 there gave bounds
+    # of -1e11. Then only the difference in points has an interval.
+    rel_ci = None
+    if (wb > 0).all():
+        rel_ci = [float(x) for x in np.percentile((wb - ws) / wb, [2.5, 97.5])]
     return {
         "rel_reduction": (wer_b - wer_s) / wer_b if wer_b else 0.0,
-        "rel_reduction_ci95": [float(x) for x in np.percentile(rel, [2.5, 97.5])],
+        "rel_reduction_ci95": rel_ci,
         "wer_diff": wer_s - wer_b,
         "wer_diff_ci95": [float(x) for x in np.percentile(ws - wb, [2.5, 97.5])],
         "p_better": float(np.mean(es[idx].sum(1) < eb[idx].sum(1))),

@@ -3,8 +3,9 @@
 The normal form is what LibriSpeech transcripts already look like: upper case, words made of the
 letters A-Z and apostrophes only, separated by single spaces. Rules, in order:
 
-* accented letters lose their accents (NFKD), other non-ASCII characters are dropped;
-* hyphens, dashes, slashes and underscores separate words (``LONG-FORGOTTEN`` -> ``LONG FORGOTTEN``);
+* accented letters lose their accents (NFKD); typographic apostrophes (``’``) become ``'``;
+* hyphens, dashes (``–``, ``—``), slashes and underscores separate words (``LONG-FORGOTTEN`` ->
+  ``LONG FORGOTTEN``); other non-ASCII characters are then dropped;
 * any other character that is not a letter or an apostrophe is removed;
 * a word made only of apostrophes is dropped; apostrophes inside or at the edge of a word are kept
   (LibriSpeech has ``'TIS`` and ``BROTHERS'``).
@@ -29,7 +30,8 @@ import unicodedata
 
 TEDLIUM_IGNORE = "ignore_time_segment_in_scoring"
 
-_SEPARATORS = re.compile(r"[-\u2010-\u2015_/]+")
+_SEPARATORS = re.compile(r"[-\u2010-\u2015\u2212_/]+")
+_APOSTROPHES = re.compile(r"[`\u2018\u2019\u02bc]")  # typographic apostrophes and the backtick
 _NOT_ALLOWED = re.compile(r"[^A-Z'\s]+")
 _MARKER_WORD = re.compile(r"^(<[^>]*>|\{[^}]*\}|\[[^\]]*\])('.*)?$")  # a marker, maybe with a joined suffix
 _VARIANT = re.compile(r"\(\d+\)")
@@ -38,12 +40,17 @@ _NORMALISED = re.compile(r"^[A-Z']+( [A-Z']+)*$")
 
 def normalise_text(text: str) -> str:
     """Return ``text`` in the toolkit's normal form (may be empty)."""
-    text = unicodedata.normalize("NFKD", text)
+    text = fold_accents(text)
+    text = _APOSTROPHES.sub("'", text)
+    text = _SEPARATORS.sub(" ", text)  # before non-ASCII is dropped: dashes must separate, not vanish
     text = text.encode("ascii", "ignore").decode("ascii").upper()
-    text = text.replace("`", "'")
-    text = _SEPARATORS.sub(" ", text)
     text = _NOT_ALLOWED.sub("", text)
     return " ".join(w for w in text.split() if w.strip("'"))
+
+
+def fold_accents(text: str) -> str:
+    """``café`` -> ``cafe``: compatibility decomposition (NFKD) without the combining marks."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
 
 
 def normalise_tedlium(text: str) -> str:
