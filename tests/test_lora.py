@@ -231,6 +231,27 @@ def test_pointwise_adapters_in_mixed_batches_and_folded(impl, nf4_dir, load_base
             torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["batched", "peft"])
+def test_adapters_added_to_a_model_in_eval_mode_decode_without_dropout(impl, nf4_dir, load_base):
+    """Decoding loads adapters into a model already in eval mode: their LoRA dropout must be off too."""
+    model = load_base(nf4_dir / "model.safetensors")
+    model.eval()
+    cfg = AdapterConfig(rank=2, alpha=4.0, dropout=0.5, target_modules=ADAPTER.target_modules)
+    mixed = MixedAdapters(model, impl=impl)
+    for seed, spk in enumerate(["a", "b"]):
+        mixed.add(spk, cfg=cfg)
+        _randomise_b(model, mixed.internal[spk], seed=seed)
+    assert not any(m.training for m in model.modules())
+    layer = model.get_submodule("encoder.encoders.0.feed_forward.w_1")
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        with mixed.rows(["a", "b", None]):
+            first, second = layer(x), layer(x)
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+        torch.testing.assert_close(first, torch.cat(one_adapter_at_a_time(mixed, layer, x, ["a", "b", None])),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_adapter_config_validation():
     for bad in (dict(rank=0), dict(alpha=0), dict(dropout=1.0), dict(target_modules=[])):
         with pytest.raises(ValueError):
