@@ -260,6 +260,16 @@ def test_empty_pseudo_labels_are_left_out_and_all_empty_is_an_error(tmp_path, ca
         with_pseudo_labels(["u0", "u1"], {"u0": " ", "u1": ""}, labels)
 
 
+def test_pseudo_labels_are_trained_in_the_references_normal_form(tmp_path):
+    """Whisper's cased, punctuated hypotheses become the corpus's form, the form the initial LoRA learnt;
+    one with nothing left (punctuation only) is an empty pseudo-label, which adaptation leaves out."""
+    from pqm_ext.asr.adapt import read_labels
+
+    labels = tmp_path / "pseudo.txt"
+    labels.write_text("u0  Hello, world\u2014it\u2019s me.\nu1 ...\nu2\n", encoding="utf-8")
+    assert read_labels(labels) == {"u0": "HELLO WORLD IT'S ME", "u1": "", "u2": ""}
+
+
 def test_a_bad_lora_conf_names_the_yaml_that_sets_it(tmp_path):
     """Stage 6/7 merge several YAML files; a wrong LoRA option is reported against the one that holds lora_conf."""
     from pqm_ext.asr.train import training_plan

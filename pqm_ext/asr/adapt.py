@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from pqm_ext.asr.layout import ExpLayout
 from pqm_ext.asr.train import ADAPTER, train_adapter
 from pqm_ext.data.kaldi_dir import DataDir
+from pqm_ext.data.text import normalise_text
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_dir, unit_of_work
 
@@ -51,11 +52,14 @@ def read_split(path: Path) -> List[str]:
 
 
 def read_labels(path: Path) -> Dict[str, str]:
+    """``<utt> <hypothesis>`` lines, each put in the corpus's normal form: a teacher such as Whisper writes
+    cased, punctuated text, and the adapter it teaches must learn the same target form as the references
+    that trained its initial LoRA and the other adapters."""
     labels = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         parts = line.strip().split(maxsplit=1)
         if parts:
-            labels[parts[0]] = parts[1] if len(parts) > 1 else ""
+            labels[parts[0]] = normalise_text(parts[1]) if len(parts) > 1 else ""
     return labels
 
 
