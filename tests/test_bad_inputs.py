@@ -52,6 +52,9 @@ def pqm_sh(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["--tag", "decode"], "--tag 'decode': a directory name"),
     (["--tag", "RESULTS.md"], "--tag 'RESULTS.md': a directory name"),  # the default table's files
     (["--noise_scp", ""], "--noise_scp is empty: give a list"),   # else the next option would be read as the list
+    (["--stage", "5x"], "--stage must be a whole number, not '5x'"),  # was a no-op that exited 0
+    (["--nj", "0"], "--nj must be a positive integer, not '0'"),
+    (["--tag", "JOB-es"], "--tag 'JOB-es': the word JOB in it would become each job's number"),
 ])
 def test_stage_script_rejects_bad_options_before_running(tmp_path, args, message):
     res = pqm_sh(tmp_path, *args)
@@ -91,6 +94,29 @@ def test_nj_larger_than_the_number_of_speakers(tmp_path):
     res = pqm_sh(tmp_path, "--stage", "8", "--stop_stage", "8", "--nj", "3")
     assert res.returncode != 0 and "--nj 3 is larger than the number of target speakers (2)" in res.stderr
     assert not (tmp_path / "recipe/exp/whisper/decode/log").exists()
+
+
+def test_nj_larger_than_the_number_of_speakers_is_refused_before_stage_7(tmp_path):
+    sa_test = tmp_path / "recipe/data/sa_test"
+    sa_test.mkdir(parents=True)
+    (sa_test / "spk2utt").write_text("a a-1 a-2\nb b-1\n")
+    res = pqm_sh(tmp_path, "--stage", "7", "--nj", "3")
+    assert res.returncode != 0 and "--nj 3 is larger than the number of target speakers (2)" in res.stderr
+    assert "Stage 7:" not in res.stderr and not (tmp_path / "recipe/exp/whisper/adapt").exists()
+
+
+def test_a_decoding_option_typo_is_refused_before_any_stage_naming_file_and_line(tmp_path):
+    conf = tmp_path / "decode.yaml"
+    conf.write_text("beam_size: 2\nbeam_sise: 3\nctc_weight: 0.0\n")
+    res = pqm_sh(tmp_path, "--stage", "8", "--decode_config", str(conf))
+    assert res.returncode != 0, res.stderr
+    assert f"{conf}:2: 'beam_sise' is not an option of ESPnet's Speech2Text" in res.stderr
+    assert "Stage 8" not in res.stderr
+    from pqm_ext.asr.recognizer import read_decode_config  # the decoding entry point's own check
+    with pytest.raises(InputError, match=f"{conf}:2: 'beam_sise'"):
+        read_decode_config(conf)
+    conf.write_text("beam_size: 2\nmax_tokens_per_second: 8\n")
+    assert read_decode_config(conf) == {"beam_size": 2, "max_tokens_per_second": 8}
 
 
 @pytest.mark.parametrize("args, datadir", [

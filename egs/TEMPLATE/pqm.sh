@@ -84,6 +84,10 @@ fi
 if [ $model = conformer ] && [ -n "$whisper_checkpoint" ]; then
   log "--whisper_checkpoint is Whisper's (--model whisper); a Conformer's base comes from --pretrained_model"; exit 1
 fi
+for opt in stage stop_stage ngpu; do  # a typo here made every stage test false: a silent no-op
+  [[ "${!opt}" =~ ^[0-9]+$ ]] || { log "--$opt must be a whole number, not '${!opt}'"; exit 1; }
+done
+[[ "$nj" =~ ^[1-9][0-9]*$ ]] || { log "--nj must be a positive integer, not '$nj'"; exit 1; }
 if [ "$stage" -gt "$stop_stage" ]; then log "--stage $stage is after --stop_stage $stop_stage"; exit 1; fi
 [[ "$jobs_per_gpu" =~ ^[1-9][0-9]*$ ]] || { log "--jobs_per_gpu must be a positive integer, not '$jobs_per_gpu'"; exit 1; }
 for list in noise_scp rir_scp; do  # not at stage 6, hours later
@@ -112,14 +116,24 @@ work=$exp${tag:+/$tag}     # stages 6-8
 dump=$dumpdir/raw
 run() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 speakers() { cut -d' ' -f1 $datadir/sa_test/spk2utt; }
+check_nj() {  # check_nj N: can the target speakers be split into N jobs (stage 8: --nj)
+  local total
+  total=$(speakers | wc -l)
+  if [ "$1" -gt "$total" ]; then log "--nj $1 is larger than the number of target speakers ($total)"; exit 1; fi
+}
 # split_speakers N DIR: write DIR/spk.1 .. DIR/spk.N (round robin) and print N
 split_speakers() {
-  local n=$1 dir=$2 total
-  total=$(speakers | wc -l)
-  if [ "$n" -gt "$total" ]; then log "--nj $n is larger than the number of target speakers ($total)"; exit 1; fi
+  local n=$1 dir=$2
+  check_nj "$n"
   mkdir -p "$dir"; rm -f "$dir"/spk.*
   speakers | awk -v n="$n" -v d="$dir" '{ print > (d "/spk." ((NR - 1) % n + 1)) }'
 }
+
+if run 8 || { run 7 && [[ " $inits " == *" semi "* ]]; }; then  # here, not in every decoding job
+  problem=$(python -c 'import os, sys; from pqm_ext.asr.recognizer import decode_config_problem
+os.write(3, (decode_config_problem(sys.argv[1]) or "").encode())' "$decode_config" 3>&1 >/dev/null)  # fd 3: ESPnet prints on stdout
+  [ -z "$problem" ] || { log "$problem"; exit 1; }
+fi
 
 if run 1; then
   log "Stage 1: data preparation"
@@ -220,6 +234,7 @@ fi
 
 if run 7; then
   nspk=$(speakers | wc -l)
+  ! run 8 || check_nj "$nj"  # now, not after the adapters
   log "Stage 7: speaker adaptive training, $nspk speakers x N in {$nutts} x init in {$inits} -> $work/adapt"
   if [ -n "$tag" ] && [ ! -d $work/lora_pretrain/adapter ]; then
     log "--tag $tag has no stage-6 output of its own: PQM starts from $exp/lora_pretrain"
@@ -228,7 +243,7 @@ if run 7; then
   if [[ " $inits " == *" semi "* ]]; then
     log "pseudo-labels: the fp model decodes the adaptation data"
     split_speakers "$nj" $work/pseudo_labels/split >/dev/null
-    ${cuda_cmd} --gpu "$ngpu" "${gpu_share[@]}" JOB=1:"$nj" $work/pseudo_labels/log/decode.JOB.log \
+    ${cuda_cmd} --gpu "$ngpu" ${gpu_share[@]+"${gpu_share[@]}"} JOB=1:"$nj" $work/pseudo_labels/log/decode.JOB.log \
       python -m pqm_ext.bin.decode --exp_dir $exp --out_dir $work/pseudo_labels --systems fp --data $dump/sa_adapt \
         --speakers @$work/pseudo_labels/split/spk.JOB --decode_config "$decode_config" --ngpu "$ngpu"
     cat $work/pseudo_labels/fp/hyp/*.txt | sort > $work/pseudo_labels/text
@@ -236,7 +251,7 @@ if run 7; then
   fi
   split_speakers "$nspk" $work/adapt/split >/dev/null
   # shellcheck disable=SC2086
-  ${cuda_cmd} --gpu "$ngpu" "${gpu_share[@]}" --max_jobs_run "$nj" JOB=1:"$nspk" $work/adapt/log/adapt.JOB.log \
+  ${cuda_cmd} --gpu "$ngpu" ${gpu_share[@]+"${gpu_share[@]}"} --max_jobs_run "$nj" JOB=1:"$nspk" $work/adapt/log/adapt.JOB.log \
     python -m pqm_ext.bin.adapt_speakers --exp_dir $exp --tag "$tag" --quant $quant --data $dump/sa_adapt \
       --splits $datadir/sa_splits --speakers @$work/adapt/split/spk.JOB --nutts $nutts --inits $inits $pseudo_opt \
       --ngpu "$ngpu" --seed "$seed" \
@@ -249,7 +264,7 @@ if run 8; then
   log "Stage 8: decoding ($decode_config) and scoring"
   split_speakers "$nj" $work/decode/split >/dev/null
   # shellcheck disable=SC2086
-  ${cuda_cmd} --gpu "$ngpu" "${gpu_share[@]}" JOB=1:"$nj" $work/decode/log/decode.JOB.log \
+  ${cuda_cmd} --gpu "$ngpu" ${gpu_share[@]+"${gpu_share[@]}"} JOB=1:"$nj" $work/decode/log/decode.JOB.log \
     python -m pqm_ext.bin.decode --exp_dir $exp --tag "$tag" --quant $quant --baselines $baselines \
       --data $dump/sa_test --speakers @$work/decode/split/spk.JOB --nutts $nutts --inits $inits \
       --decode_config "$decode_config" \

@@ -47,6 +47,8 @@ def tag_problem(tag: str, quant_labels: Iterable[str] = ()) -> Optional[str]:
     """Why ``tag`` cannot name a variant's directory beside base/ and nf4/ (None if it can, or is empty).
     pqm.sh asks before any stage runs, with the labels of the recipe's conf/quant_*.yaml."""
     reserved = RESERVED | set(quant_labels)
+    if re.search(r"\bJOB\b", tag):  # the launchers put the job's number for the word JOB in paths
+        return f"--tag '{tag}': the word JOB in it would become each job's number (JOB=1:N); choose another"
     if not tag or (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tag) and tag not in reserved):
         return None
     return (f"--tag '{tag}': a directory name beside base/ and nf4/ (letters, digits, '.', '_', '-'), "

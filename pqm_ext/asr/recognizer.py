@@ -11,20 +11,53 @@ docs/PERFORMANCE.md), one dense weight per layer does not.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import re
 from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
 import torch
 
+from pqm_ext.asr.config import read_yaml
 from pqm_ext.asr.model_io import MODEL_FILE, bundled_bpemodel, load_base
 from pqm_ext.lora import AdapterConfig, add_adapter, load_adapter
 from pqm_ext.lora.mixed import folded
 from pqm_ext.models.whisper import register_espnet_classes
 from pqm_ext.quant import QuantConfig, set_dequant_cache
+from pqm_ext.utils.errors import InputError
 
 logger = logging.getLogger(__name__)
+
+
+OWN_OPTIONS = ("max_tokens_per_second",)
+SET_BY_RECOGNIZER = ("asr_train_config", "asr_model_file", "device")
+
+
+def read_decode_config(path) -> Dict:
+    """The decoding config at ``path``, its keys checked against Speech2Text's options first: a typo was a
+    bare TypeError in every decoding job, naming no file."""
+    from espnet2.bin.asr_inference import Speech2Text
+
+    conf = read_yaml(path)
+    known = set(inspect.signature(Speech2Text.__init__).parameters) - {"self"} - set(SET_BY_RECOGNIZER)
+    unknown = [str(k) for k in conf if k not in known and k not in OWN_OPTIONS]
+    if unknown:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        line = next((i for i, x in enumerate(lines, 1) if re.match(rf"\s*{re.escape(unknown[0])}\s*:", x)), None)
+        raise InputError(path, f"{unknown[0]!r} is not an option of ESPnet's Speech2Text (nor "
+                               f"{', '.join(OWN_OPTIONS)}); unknown: {', '.join(unknown)}", line=line)
+    return conf
+
+
+def decode_config_problem(path) -> Optional[str]:
+    """What :func:`read_decode_config` would refuse in ``path`` (None: nothing); pqm.sh asks before any job."""
+    try:
+        read_decode_config(path)
+    except InputError as e:
+        return str(e)
+    return None
 
 
 class Recognizer:

@@ -20,10 +20,10 @@ from pathlib import Path
 from espnet2.utils.types import str2bool
 
 from pqm_ext.asr.batch_decode import NotGreedyError
-from pqm_ext.asr.config import read_yaml
 from pqm_ext.asr.adapt import INITS
 from pqm_ext.asr.decode import decode_systems
 from pqm_ext.asr.layout import add_tag_argument, layout_of
+from pqm_ext.asr.recognizer import read_decode_config
 from pqm_ext.bin.adapt_speakers import speakers_of
 from pqm_ext.data.kaldi_dir import read_data_dir
 from pqm_ext.utils.errors import InputError
@@ -58,6 +58,7 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
     layout = layout_of(a)
+    conf = read_decode_config(a.decode_config)  # before any model is loaded
     systems = layout.systems(a.nutts, a.inits, a.baselines, with_pretrained=not a.no_pretrained)
     if a.systems is not None:
         systems = [s for s in systems if s.name in a.systems]
@@ -66,7 +67,6 @@ def main(argv=None) -> None:
     unknown = [s for s in speakers if s not in set(data.utt2spk.values())]
     if unknown:
         raise InputError(Path(a.data) / "utt2spk", f"unknown speaker(s) {unknown}")
-    conf = read_yaml(a.decode_config)
     out_dir = Path(a.out_dir) if a.out_dir else layout.work / "decode"
     # a variant shares fp, the quantised bases and maybe the pretrained LoRA with the default table
     donors = [layout.root / "decode"] if layout.tag and not a.out_dir else []
