@@ -166,13 +166,27 @@ def test_a_bad_list_stops_stage_6_before_a_job_is_submitted(noise_rir, tmp_path,
     stage.write_text(yaml.safe_dump({"lora_conf": {"rank": 1, "target_modules": ["linear_q"]}}))
     bad = tmp_path / "noise.scp"
     bad.write_text(f"x {tmp_path / 'nowhere.wav'}\n")
-    cmd = [sys.executable, "-m", "pqm_ext.bin.train_adapter", "--model_dir", str(conformer_model_dir),
-           "--train_config", str(stage), "--train_data", "d", "--valid_data", "d", "--out", str(tmp_path / "out"),
-           "--check", "--train_args"]
-    res = subprocess.run(cmd + [f"--noise_scp {bad}"], capture_output=True, text=True, timeout=300)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("wav.scp", "text", "utt2num_samples"):
+        (data / name).write_text("")
+
+    def check(model_dir, train_data, train_args):
+        cmd = [sys.executable, "-m", "pqm_ext.bin.train_adapter", "--model_dir", str(model_dir),
+               "--train_config", str(stage), "--train_data", str(train_data), "--valid_data", str(data),
+               "--out", str(tmp_path / "out"), "--check", "--train_args", train_args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    res = check(conformer_model_dir, data, f"--noise_scp {bad}")
     assert res.returncode == 2 and f"{bad}:1: cannot read" in res.stderr
-    res = subprocess.run(cmd + [f"--noise_scp {noise_rir[0]}"], capture_output=True, text=True, timeout=300)
+    res = check(conformer_model_dir, data, f"--noise_scp {noise_rir[0]}")
     assert res.returncode == 1, res.stderr[-2000:]
+    # a missing data dir or base was "would train" (status 1), and a job that failed in the queue
+    res = check(conformer_model_dir, tmp_path / "nowhere", "")
+    assert res.returncode == 2 and f"{tmp_path / 'nowhere'}/wav.scp: missing" in res.stderr, res.stderr[-2000:]
+    res = check(tmp_path, data, "")
+    assert res.returncode == 2 and f"{tmp_path}/model.safetensors: model file (the quantised base: stage 5) not found" \
+        in res.stderr, res.stderr[-2000:]
 
 
 def _preprocess(args: argparse.Namespace, train: bool, data):

@@ -126,7 +126,8 @@ def adapt_speaker(layout: ExpLayout, spk: str, data: DataDir, splits_dir: Path, 
                                   overrides={"adapter_select": "best" if early_stopping else "last"},
                                   keep_checkpoints=keep_checkpoints)
                     logger.info("%s n=%d init=%s: adapter ready", spk, n, init)
-            except Exception as e:  # one unit's failure must not cost the others
+            except (Exception, SystemExit) as e:  # one unit's failure must not cost the others (SystemExit: ESPnet's
+                # parser refusing an option of --adapt_args ended the job without its summary of failed units)
                 logger.error("%s n=%d init=%s failed:\n%s", spk, n, init, traceback.format_exc())
                 failures.append(f"{spk} n={n} init={init}: {type(e).__name__}: {e}")
     return failures

@@ -15,8 +15,11 @@ import argparse
 import logging
 import shlex
 import sys
+from pathlib import Path
 
-from pqm_ext.asr.train import is_current, train_adapter, training_plan
+from pqm_ext.asr.base_record import input_file
+from pqm_ext.asr.model_io import MODEL_FILE
+from pqm_ext.asr.train import data_args, is_current, train_adapter, training_plan
 from pqm_ext.utils.cli import entry_point
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import unit_of_work
@@ -34,7 +37,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngpu", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train_args", default="", help="extra ESPnet trainer options, e.g. '--max_epoch 1'")
-    p.add_argument("--check", action="store_true", help="train nothing: exit 0 if the adapter is current, else 1")
+    p.add_argument("--check", action="store_true",
+                   help="train nothing: exit 0 if the adapter is current, 1 if it would be trained, 2 on bad input")
     return p
 
 
@@ -42,7 +46,9 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
     if a.check:
-        try:
+        try:  # a missing input must not read as "would train": the job would fail in the queue, hours later
+            input_file(Path(a.model_dir) / MODEL_FILE, "model file (the quantised base: stage 5)")
+            data_args("train", a.train_data), data_args("valid", a.valid_data)
             _, made_from = training_plan(a.model_dir, a.train_config, a.train_data, a.valid_data, a.out,
                                          init_adapter=a.init_adapter, ngpu=a.ngpu, seed=a.seed,
                                          extra_args=shlex.split(a.train_args))
