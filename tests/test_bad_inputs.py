@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -382,7 +384,8 @@ def test_a_unit_in_use_by_a_live_process_is_refused_and_free_once_it_dies(tmp_pa
                 "    (d / '.adapter.tmp-live').mkdir()\n"
                 "    print('working', flush=True); time.sleep(60)\n", str(unit)) as (proc, said):
         assert said == "working"
-        with pytest.raises(InputError, match=f"{unit}: in use by another process \\(pid {proc.pid}\\)"):
+        holder = rf"host {re.escape(socket.gethostname())}, pid {proc.pid}"
+        with pytest.raises(InputError, match=f"{unit}: in use by another process \\({holder}\\)"):
             with unit_of_work(unit):
                 pass
         assert (unit / ".adapter.tmp-live").is_dir()  # the live writer's temporary was not touched

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator, Union
@@ -104,8 +105,8 @@ def unit_of_work(directory: PathLike, *subdirs: str) -> Iterator[Path]:
     """Work on ``directory`` alone: hold an exclusive lock on ``<directory>/.lock`` (flock: the kernel drops it
     when the process ends, however it ends), then sweep the temporaries a killed earlier run left in it and in
     its ``subdirs``. Another process on the same unit (a job of a launcher that was killed with SIGKILL and so
-    could not stop it, or a second run of the recipe) is refused with an error naming the unit and the pid
-    that holds it, instead of writing over it."""
+    could not stop it, or a second run of the recipe) is refused with an error naming the unit and the host,
+    pid (and Slurm job) that holds it, instead of writing over it."""
     directory = Path(directory)
     _writable_parent(directory / LOCK)
     with open(directory / LOCK, "a+") as lock:
@@ -114,11 +115,12 @@ def unit_of_work(directory: PathLike, *subdirs: str) -> Iterator[Path]:
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "unknown"
-            raise InputError(directory, f"in use by another process (pid {holder}): a run still going, or a job "
+            raise InputError(directory, f"in use by another process ({holder}): a run still going, or a job "
                                         "left running by a killed one; let it finish or stop it") from None
         lock.seek(0)
         lock.truncate()
-        lock.write(f"{os.getpid()}\n")
+        job = os.environ.get("SLURM_JOB_ID")  # on a cluster the holder runs on a compute node, not here
+        lock.write(f"host {socket.gethostname()}, pid {os.getpid()}{f', Slurm job {job}' if job else ''}\n")
         lock.flush()
         for d in (directory, *(directory / sub for sub in subdirs)):
             discard_temporaries(d)
