@@ -89,6 +89,22 @@ def test_a_tag_named_after_the_recipes_own_quantisation_config_is_refused(tmp_pa
     assert not (tmp_path / "recipe/data").exists()
 
 
+def test_option_strings_keep_their_quoted_words_together(tmp_path):
+    """--data_opts "--target_speakers '1089 1188'" reaches local/data.sh as two words (was three, and refused);
+    unbalanced quotes are an error, not a guess."""
+    local = tmp_path / "recipe/local"
+    local.mkdir(parents=True)
+    (local / "data.sh").write_text('#!/usr/bin/env bash\nprintf "[%s]\\n" "$@" > "$(dirname "$0")/args"\n')
+    (local / "data.sh").chmod(0o755)
+    res = pqm_sh(tmp_path, "--stop_stage", "1", "--corpus_dir", str(tmp_path),
+                 "--data_opts", "--target_speakers '1089 1188' --sa_subsets \"train test\"")
+    assert res.returncode == 0, res.stderr
+    assert (local / "args").read_text().splitlines()[-4:] == [
+        "[--target_speakers]", "[1089 1188]", "[--sa_subsets]", "[train test]"]
+    res = pqm_sh(tmp_path, "--stop_stage", "1", "--corpus_dir", str(tmp_path), "--data_opts", "--x 'unclosed")
+    assert res.returncode != 0 and "--data_opts '--x 'unclosed': unbalanced quotes" in res.stderr
+
+
 def test_nj_larger_than_the_number_of_speakers(tmp_path):
     sa_test = tmp_path / "recipe/data/sa_test"
     sa_test.mkdir(parents=True)

@@ -115,6 +115,20 @@ exp=exp/$model
 work=$exp${tag:+/$tag}     # stages 6-8
 dump=$dumpdir/raw
 run() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
+# words OPTION...: the options' strings split into WORDS as a shell splits a command line, quotes kept
+# together (--data_opts "--target_speakers '1089 1188'" is two words), as the entry points split --*_args
+words() {
+  local name w parsed
+  WORDS=()
+  for name in "$@"; do
+    parsed=()  # python ends a good split with the word "."; "" words are kept
+    while IFS= read -r -d '' w; do parsed+=("$w"); done < <(python -c 'import shlex, sys
+try: sys.stdout.write("".join(w + "\0" for w in shlex.split(sys.argv[1]) + ["."]))
+except ValueError: pass' "${!name}")
+    [ "${#parsed[@]}" -gt 0 ] || { log "--$name '${!name}': unbalanced quotes"; exit 1; }
+    WORDS+=("${parsed[@]:0:${#parsed[@]}-1}")
+  done
+}
 speakers() { cut -d' ' -f1 $datadir/sa_test/spk2utt; }
 check_nj() {  # check_nj N: can the target speakers be split into N jobs (stage 8: --nj)
   local total
@@ -139,13 +153,14 @@ if run 1; then
   log "Stage 1: data preparation"
   if [ -z "$corpus_dir" ]; then
     log "no corpus path set (db.sh): synthesising the offline demo corpus in $demo_dir ($corpus_layout layout)"
-    python -m pqm_ext.bin.synth_demo_corpus --layout "$corpus_layout" --out "$demo_dir" --seed "$seed" \
-      --nj "$nj" $demo_opts
+    words demo_opts; python -m pqm_ext.bin.synth_demo_corpus --layout "$corpus_layout" --out "$demo_dir" \
+      --seed "$seed" --nj "$nj" ${WORDS[@]+"${WORDS[@]}"}
     corpus_dir=$demo_dir
   else
     demo_data_opts=  # a real corpus (db.sh or --corpus_dir) gets local/data.sh's own defaults
   fi
-  local/data.sh --corpus "$corpus_dir" --data_dir "$datadir" --seed "$seed" $demo_data_opts $data_opts
+  words demo_data_opts data_opts
+  local/data.sh --corpus "$corpus_dir" --data_dir "$datadir" --seed "$seed" ${WORDS[@]+"${WORDS[@]}"}
 fi
 
 if run 2; then
