@@ -176,6 +176,14 @@ def test_pointwise_convolutions_take_an_adapter(quantised, nf4_dir, load_base, b
         assert (layer(x) - base(x)).abs().max() > 1e-3
 
 
+def test_a_uniform_int4_model_is_refused_as_such_not_as_a_name_that_matched_nothing(build_conformer):
+    model = build_conformer()
+    quantize_model(model, QuantConfig(method="int", bits=4))
+    with pytest.raises(ValueError, match=r"LoRA target encoder\.encoders\.0\.self_attn\.linear_q is a uniform "
+                                         r"integer-quantised linear layer"):
+        add_adapter(model, AdapterConfig(rank=1, alpha=2.0, target_modules=["self_attn.linear_q"]))
+
+
 def test_depthwise_convolution_of_a_quantised_model_is_refused(nf4_dir, load_base):
     model = load_base(nf4_dir / "model.safetensors")
     with pytest.raises(ValueError, match="encoder.encoders.0.conv_module.depthwise_conv .*only pointwise"):

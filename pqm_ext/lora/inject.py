@@ -21,7 +21,7 @@ from pqm_ext.lora.batchnorm import batchnorm_layers, freeze_batchnorm, remember_
 from pqm_ext.lora.config import AdapterConfig
 from pqm_ext.lora.quant_conv import LoraQuantConv1d, is_pointwise_conv1d
 from pqm_ext.patterns import any_match, patterns_to_regex
-from pqm_ext.quant.layers import QuantConv
+from pqm_ext.quant.layers import QuantConv, QuantLinear
 from pqm_ext.quant.nf4 import NF4Linear
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,10 @@ def target_layers(model: torch.nn.Module, cfg: AdapterConfig) -> List[str]:
     names = [n for n, m in model.named_modules()
              if isinstance(m, LORA_TYPES + (LoraLayer,)) and "lora_" not in n and ".base_layer" not in n
              and any_match(n, cfg.target_modules)]
+    uniform = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and any_match(n, cfg.target_modules)]
+    if uniform:  # else "matched no layer", as if the names were wrong
+        raise ValueError(f"LoRA target {uniform[0]} is a uniform integer-quantised linear layer (the int baseline), "
+                         "which takes no adapter: adapt an NF4 (or full-precision) model")
     if not names:
         raise ValueError(f"LoRA target_modules {cfg.target_modules} matched no layer of the model")
     for n in names:
