@@ -20,7 +20,7 @@ from pqm_ext.asr.adapt import adapt_speaker
 from pqm_ext.asr.config import merge_configs, read_yaml
 from pqm_ext.asr.layout import ExpLayout
 from pqm_ext.bin.quantize import quantize_dir
-from pqm_ext.data.kaldi_dir import DataDir, read_data_dir
+from pqm_ext.data.kaldi_dir import DataDir, Segment, read_data_dir
 from pqm_ext.lora import AdapterConfig
 from pqm_ext.models.whisper import read_whisper_checkpoint
 from pqm_ext.quant import QuantConfig
@@ -103,6 +103,26 @@ def test_option_strings_keep_their_quoted_words_together(tmp_path):
         "[--target_speakers]", "[1089 1188]", "[--sa_subsets]", "[train test]"]
     res = pqm_sh(tmp_path, "--stop_stage", "1", "--corpus_dir", str(tmp_path), "--data_opts", "--x 'unclosed")
     assert res.returncode != 0 and "--data_opts '--x 'unclosed': unbalanced quotes" in res.stderr
+
+
+def test_decoding_refuses_audio_at_another_rate_and_an_unformatted_data_dir(tmp_path):
+    """An 8 kHz file was decoded as if it were 16 kHz; a dir with segments failed with a bare KeyError."""
+    import numpy as np
+    import soundfile as sf
+    from pqm_ext.asr.decode import read_speech
+
+    wav = tmp_path / "a-1.wav"
+    sf.write(wav, 0.1 * np.sin(np.arange(8000) / 8000 * 2 * np.pi * 440), 8000)
+    with pytest.raises(InputError, match=f"{wav}: sampled at 8000 Hz; the models take 16000 Hz"):
+        read_speech(wav)
+    data = tmp_path / "data"
+    data.mkdir()
+    DataDir({"rec": str(wav)}, {"a-1": "HELLO"}, {"a-1": "a"}, segments={"a-1": Segment("rec", 0.0, 0.5)}).write(data)
+    res = subprocess.run([sys.executable, "-m", "pqm_ext.bin.decode", "--exp_dir", str(tmp_path / "exp"),
+                          "--data", str(data), "--speakers", "a", "--decode_config",
+                          str(REPO / "egs/TEMPLATE/conf/whisper/decode.yaml")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and f"{data}/segments: decoding reads one file per utterance" in res.stderr, res.stderr
 
 
 def test_nj_larger_than_the_number_of_speakers(tmp_path):

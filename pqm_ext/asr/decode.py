@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from pqm_ext.asr.layout import System
@@ -26,6 +27,7 @@ from pqm_ext.data.audio import read_audio
 from pqm_ext.data.kaldi_dir import DataDir
 from pqm_ext.lora import adapter_config_of
 from pqm_ext.lora.io import WEIGHTS
+from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import write_text_atomic
 from pqm_ext.utils.provenance import canonical, file_digest, lines_digest, read_record, reusable
 
@@ -100,6 +102,18 @@ def todo_speakers(system: System, data: DataDir, speakers: Sequence[str], decode
     return todo, failures
 
 
+SAMPLE_RATE = 16000  # the models' frontends (ESPnet's fbank, Whisper's log-mel) take 16 kHz and do not resample
+
+
+def read_speech(path) -> np.ndarray:
+    """One test utterance's samples, refused unless at 16 kHz: the frontends would read any rate as 16 kHz."""
+    speech, rate = read_audio(path)
+    if rate != SAMPLE_RATE:
+        raise InputError(path, f"sampled at {rate} Hz; the models take {SAMPLE_RATE} Hz (stage 2 resamples: decode "
+                               "its dump/raw data dir)")
+    return speech
+
+
 def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[str], decode_root: Path,
                    decode_conf: Dict, device: str = "cpu", mixed_batch: int = 0,
                    fold_adapters: bool = True, donors: Sequence[Path] = ()) -> List[str]:
@@ -135,8 +149,8 @@ def decode_systems(systems: Sequence[System], data: DataDir, speakers: Sequence[
             hyps, audio_s, t0 = {}, 0.0, time.perf_counter()
             with rec.speaker(system.adapter_for(spk), fold=fold_adapters):  # None: the base alone
                 for utt in tqdm(spk2utt[spk], desc=f"{system.name} {spk}", mininterval=10):
-                    speech, rate = read_audio(data.wav_scp[utt])
-                    audio_s += len(speech) / rate
+                    speech = read_speech(data.wav_scp[utt])
+                    audio_s += len(speech) / SAMPLE_RATE
                     hyps[utt] = rec(speech).strip()
             elapsed = time.perf_counter() - t0
             write_hypotheses(hyp_file(decode_root / system.name, spk),
@@ -187,9 +201,9 @@ def _decode_systems_mixed(systems: Sequence[System], data: DataDir, speakers: Se
         utt2spk = data.utt2spk
         speech, audio = [], {}
         for utt in utts:
-            wav, rate = read_audio(data.wav_scp[utt])
+            wav = read_speech(data.wav_scp[utt])
             speech.append(wav)
-            audio[utt] = len(wav) / rate
+            audio[utt] = len(wav) / SAMPLE_RATE
         names = [name_of[str(system.adapter_for(utt2spk[u]))] for u in utts] if mixed else None
         t0 = time.perf_counter()
         texts = batch_decode(rec, speech, adapter_names=names, mixed=mixed, batch_size=batch_size)

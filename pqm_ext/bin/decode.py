@@ -63,6 +63,9 @@ def main(argv=None) -> None:
     if a.systems is not None:
         systems = [s for s in systems if s.name in a.systems]
     data = read_data_dir(a.data)
+    if data.segments is not None:  # wav.scp then names recordings, not utterances
+        raise InputError(Path(a.data) / "segments", "decoding reads one file per utterance: decode the data dir "
+                                                    "stage 2 formatted (dump/raw/...), which has no segments")
     speakers = speakers_of(a.speakers)
     unknown = [s for s in speakers if s not in set(data.utt2spk.values())]
     if unknown:
