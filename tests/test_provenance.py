@@ -101,3 +101,33 @@ def test_hypotheses_are_copied_only_under_a_record_that_vouches_for_them(tmp_pat
     out.with_suffix(".json").unlink()
     assert decode.copy_decoded(system, "spk1", wanted, [donor], out) is None
     assert decode.copy_decoded(system, "spk1", other, [donor], out) is None
+
+
+def test_a_table_refuses_hypotheses_of_another_test_set_or_model(tmp_path):
+    """make_results scores a system only with a hypothesis for every test utterance, made from the test
+    utterances, model and adapter on disk now (a missing one was scored as all deletions, a stale one as current)."""
+    import pytest
+
+    import pqm_ext.asr.decode as decode
+    from pqm_ext.asr.layout import System
+    from pqm_ext.asr.results import check_decoded_from
+    from pqm_ext.data.kaldi_dir import DataDir
+    from pqm_ext.utils.errors import InputError
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base/model.safetensors").write_bytes(b"weights")
+    system, decode_dir = System("fp", tmp_path / "base"), tmp_path / "decode/fp"
+    data = DataDir({"a-1": "a1.wav", "a-2": "a2.wav"}, {"a-1": "HELLO", "a-2": "WORLD"}, {"a-1": "a", "a-2": "a"})
+    conf = {"beam_size": 1}
+    decode.write_hypotheses(decode.hyp_file(decode_dir, "a"), "a-1 hello\na-2 world\n",
+                            {"made_from": decode.decode_inputs(system, "a", data, ["a-1", "a-2"], conf)})
+    hyps = {"a-1": "hello", "a-2": "world"}
+    check_decoded_from(system, decode_dir, data, hyps)  # current: no error
+    with pytest.raises(InputError, match=rf"{decode_dir}/hyp/a.txt: no hypothesis for a-2 \(1 test utterance"):
+        check_decoded_from(system, decode_dir, data, {"a-1": "hello"})
+    grown = DataDir({**data.wav_scp, "a-3": "a3.wav"}, {**data.text, "a-3": "AGAIN"}, {**data.utt2spk, "a-3": "a"})
+    with pytest.raises(InputError, match=rf"{decode_dir}/hyp/a.json: decoded before its test utterances changed"):
+        check_decoded_from(system, decode_dir, grown, {**hyps, "a-3": "again"})
+    (tmp_path / "base/model.safetensors").write_bytes(b"quantised again")
+    with pytest.raises(InputError, match=rf"{decode_dir}/hyp/a.json: decoded before its model changed"):
+        check_decoded_from(system, decode_dir, data, hyps)

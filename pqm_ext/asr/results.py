@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from safetensors.torch import load_file
 
+from pqm_ext.asr.decode import decode_inputs
 from pqm_ext.asr.layout import INIT_SYSTEM, ExpLayout, System
 from pqm_ext.asr.score import UttScore, paired_bootstrap, score_utterances, summarize
 from pqm_ext.data.kaldi_dir import DataDir
@@ -60,6 +61,31 @@ def check_decoded_with(decode_dir: Path, speakers: Sequence[str], decode_conf: D
             raise InputError(decode_dir / "hyp" / f"{spk}.json",
                              "decoded with other settings than the table's --decode_config ("
                              + "; ".join(changes(used, decode_conf)) + "): run stage 8's decoding with it first")
+
+
+def check_decoded_from(system: System, decode_dir: Path, data: DataDir, hyps: Dict[str, str]) -> None:
+    """Refuse hypotheses that are not of this test set, model and adapters: stage 8 decoded another data dir,
+    or stage 5 or 7 has replaced a model since. Every test utterance must have a hypothesis; a missing one
+    would be scored as all deletions."""
+    absent = [u for u in data.text if u not in hyps]
+    if absent:
+        spk = data.utt2spk[absent[0]]
+        raise InputError(decode_dir / "hyp" / f"{spk}.txt", f"no hypothesis for {absent[0]} ({len(absent)} test "
+                         "utterance(s) missing): run stage 8's decoding for this test set")
+    spk2utt = data.spk2utt()
+    for spk in sorted(spk2utt):
+        made_from = (decode_record(decode_dir, spk) or {}).get("made_from")
+        if made_from is None:  # written before records named their inputs
+            continue
+        try:
+            now = decode_inputs(system, spk, data, spk2utt[spk], made_from.get("decode_conf"))
+        except FileNotFoundError as e:
+            raise InputError(e.filename, f"gone, but {spk}'s hypotheses by {system.name} were made with it") from None
+        stale = [what for key, what in (("test_utts", "test utterances"), ("model", "model"), ("adapter", "adapter"))
+                 if made_from.get(key) != now[key]]
+        if stale:
+            raise InputError(decode_dir / "hyp" / f"{spk}.json", f"decoded before its {', '.join(stale)} changed: "
+                             "run stage 8's decoding again")
 
 
 def decode_timing(decode_dir: Path, speakers: Sequence[str]) -> Dict:
@@ -132,6 +158,7 @@ def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str,
             logger.warning("%s: not decoded for every speaker, left out", system.name)
             continue
         check_decoded_with(layout.decode(system.name), speakers, decode_conf)
+        check_decoded_from(system, layout.decode(system.name), data, hyps)
         key = (system.group, system.n_utts)
         scored[key] = score_utterances(data.text, hyps)
         summaries[key] = summarize(scored[key], data.utt2spk)
