@@ -23,9 +23,12 @@ import soundfile as sf
 import torch
 import yaml
 from lora_helpers import one_adapter_at_a_time
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from pqm_ext.asr.batch_decode import NotGreedyError, batch_decode, check_greedy, greedy_search
 from pqm_ext.lora import AdapterConfig, save_adapter
+from pqm_ext.lora.io import WEIGHTS
 from pqm_ext.lora.mixed import folded, lora_layers, load_adapters
 from pqm_ext.quant import set_dequant_cache
 
@@ -234,8 +237,11 @@ def test_stage8_mixed_batch_gives_the_per_speaker_hypotheses(nf4_dir, adapter_di
 
     exp = tmp_path / "exp"
     shutil.copytree(nf4_dir, exp / "nf4")
-    for spk in SPEAKERS[:2]:
-        shutil.copytree(adapter_dirs[spk], exp / "adapt" / "pretrained" / "n2" / spk / "adapter")
+    for spk in SPEAKERS[:2]:  # B 10x the fixture's, so that each speaker's adapter changes its greedy output
+        weights = shutil.copytree(adapter_dirs[spk], exp / "adapt/pretrained/n2" / spk / "adapter") / WEIGHTS
+        with safe_open(str(weights), "pt") as f:
+            metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        save_file({k: v * 10 if ".lora_B." in k else v for k, v in tensors.items()}, str(weights), metadata=metadata)
     data = tmp_path / "data"
     data.mkdir()
     wav_scp, utt2spk, text = {}, {}, {}
@@ -247,7 +253,9 @@ def test_stage8_mixed_batch_gives_the_per_speaker_hypotheses(nf4_dir, adapter_di
     conf = tmp_path / "decode.yaml"
     conf.write_text(yaml.safe_dump(GREEDY))
     common = ["--exp_dir", str(exp), "--data", str(data), "--speakers", "s0", "s1", "--nutts", "2", "--inits",
-              "pretrained", "--systems", "pqm_n2", "--decode_config", str(conf)]
+              "pretrained", "--decode_config", str(conf)]
+    decode_bin.main(common + ["--out_dir", str(tmp_path / "base"), "--systems", "nf4"])
+    common += ["--systems", "pqm_n2"]
     decode_bin.main(common + ["--out_dir", str(tmp_path / "one")])  # adapters folded (the default)
     decode_bin.main(common + ["--out_dir", str(tmp_path / "unmerged"), "--fold_adapters", "false"])
     decode_bin.main(common + ["--out_dir", str(tmp_path / "mixed"), "--mixed_batch", "4"])
@@ -257,6 +265,9 @@ def test_stage8_mixed_batch_gives_the_per_speaker_hypotheses(nf4_dir, adapter_di
         info = {d: json.loads((tmp_path / d / "pqm_n2" / "hyp" / f"{spk}.json").read_text()) for d in hyp}
         assert info["one"]["adapter_folded"] and not info["unmerged"]["adapter_folded"]
         assert info["mixed"]["mixed_batch"] == 4 and info["mixed"]["utts"] == 1
+    # ... and they are the adapters' hypotheses: the three paths would also agree if each ignored them
+    base = {spk: (tmp_path / "base/nf4/hyp" / f"{spk}.txt").read_text() for spk in ("s0", "s1")}
+    assert any((tmp_path / "one/pqm_n2/hyp" / f"{spk}.txt").read_text() != base[spk] for spk in base), base
     # a beam search config cannot be batched greedily: a clear input error naming the config
     conf.write_text(yaml.safe_dump({**GREEDY, "beam_size": 2}))
     with pytest.raises(SystemExit):
