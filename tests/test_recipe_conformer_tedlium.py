@@ -177,6 +177,16 @@ def test_stage_6_hands_the_noise_and_rir_lists_to_espnet_and_stage_7_none(recipe
     assert speaker_adapters and all("augment" not in adapter_info(d)["made_from"] for d in speaker_adapters)
 
 
+def test_speaker_adaptation_runs_without_the_bases_specaugment(recipe):
+    """conf/conformer/adapt_*.yaml turn SpecAugment off for stage 7 only: the base and stage 6 keep it."""
+    exp = recipe / "exp/conformer"
+    assert yaml.safe_load((exp / "base/config.yaml").read_text())["specaug"] == "specaug"
+    assert yaml.safe_load((exp / "lora_pretrain/train/config.yaml").read_text())["specaug"] == "specaug"
+    configs = sorted(exp.glob("adapt/*/n*/*/train/config.yaml"))
+    assert len(configs) == 2 * 2 * 2  # speakers x N x inits
+    assert {yaml.safe_load(c.read_text())["specaug"] for c in configs} == {None}
+
+
 def test_early_stopping_holds_out_the_last_utterances_and_keeps_the_best_epoch(recipe, tmp_path):
     """--valid_fraction: the adapter trains on the first utterances, is validated on the held-out rest, and the
     epoch that is best by the trainer's criterion is the one saved, not the last.
