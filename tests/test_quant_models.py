@@ -162,6 +162,16 @@ def test_whisper_loss_prefers_the_right_transcript(quantised, speech, sentences,
     assert math.isfinite(right) and right < 0.5 * wrong, losses
 
 
+def test_a_conformer_length_guard_counts_its_own_encoder_frames(conformer_model_dir, conformer_decode_conf):
+    """max_tokens_per_second becomes ESPnet's maxlenratio over encoder frames: a conv2d Conformer has 25 a second
+    (10 ms hop, 4x subsampling), not Whisper's 50, which halved the cap a config asked for."""
+    from pqm_ext.asr.recognizer import Recognizer
+
+    rec = Recognizer(conformer_model_dir, {**conformer_decode_conf, "max_tokens_per_second": 8})
+    assert rec._frames_per_second() == pytest.approx(25, rel=0.01)
+    assert rec.maxlenratio(4 * 16000) == pytest.approx(8 / 25, rel=0.01)  # 32 tokens over 4 s's ~100 frames
+
+
 @pytest.mark.slow
 def test_conformer_quantised_model_dir_decodes(conformer_model_dir, conformer_decode_conf, tmp_path, random_batch):
     """Stage 5 (quantize_dir) output, decoded by ESPnet's Speech2Text (beam search with CTC)."""

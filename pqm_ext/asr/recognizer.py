@@ -93,6 +93,7 @@ class Recognizer:
             self.s2t.beam_search.to(device)
             self.s2t.device = device
         self.adapter_dir: Optional[str] = None
+        self._fps: Optional[float] = None
 
     def use_adapter(self, adapter_dir) -> Dict:
         """Load a speaker's adapter (it must have been trained on this base)."""
@@ -117,7 +118,20 @@ class Recognizer:
         encoder = self.model.encoder
         if getattr(encoder, "do_pad_trim", False):
             return 1500.0
-        return max(seconds, getattr(encoder, "pad_to_seconds", 0.0)) * 50  # Whisper: 50 frames/s
+        if hasattr(encoder, "pad_to_seconds"):  # Whisper's: 50 frames a second of its (padded) input
+            return max(seconds, encoder.pad_to_seconds) * 50
+        return seconds * self._frames_per_second()
+
+    def _frames_per_second(self) -> float:
+        """Encoder frames per second of audio, measured once on 10 s of silence: another encoder's rate is its
+        frontend's hop and its subsampling (a Conformer with conv2d: 100 / 4 = 25), not Whisper's 50."""
+        if self._fps is None:
+            device = next(self.model.parameters()).device
+            with torch.no_grad():
+                _, lengths = self.model.encode(torch.zeros(1, 160000, device=device),
+                                               torch.tensor([160000], device=device))
+            self._fps = float(lengths[0]) / 10
+        return self._fps
 
     def maxlenratio(self, n_samples: int, sample_rate: int = 16000) -> float:
         """ESPnet's ``maxlenratio`` for an utterance of ``n_samples``: ``max_tokens_per_second`` of its
