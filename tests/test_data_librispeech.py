@@ -207,3 +207,16 @@ def test_recreated_corpus_is_prepared_again(tmp_path, librispeech_tree):
     proc, data = prepare(tmp_path, corpus)
     assert proc.returncode == 0 and "preparing again" in proc.stderr, proc.stderr
     assert read_kv(data / "pretrain/text")[rows[0].split()[0]] == "A CHANGED TRANSCRIPT"
+
+
+def test_another_subset_or_a_chmod_beside_the_corpus_prepares_nothing_again(tmp_path, librispeech_tree):
+    """The stamp is of what preparation reads: untarring another subset into LibriSpeech/ or a chmod of it
+    changed the root's status, and a real corpus's ~135k files were scanned again."""
+    corpus = copy_tree(librispeech_tree, tmp_path / "corpus")
+    proc, data = prepare(tmp_path, corpus)
+    assert proc.returncode == 0, proc.stderr
+    root = next(p for p in corpus.rglob("SPEAKERS.TXT")).parent
+    (root / "train-other-500").mkdir()
+    root.chmod(0o750)
+    proc, _ = prepare(tmp_path, corpus)
+    assert proc.returncode == 0 and "skipping" in proc.stderr and "preparing again" not in proc.stderr, proc.stderr

@@ -116,7 +116,7 @@ def prepare_librispeech_sa(corpus: Path, data_dir: Path, opts: SplitOptions, che
     corpus = Path(corpus).absolute()
     extra = {"pool_subset": pool_subset, "dev_subset": dev_subset, "sa_subset": sa_subset}
     root = find_root(corpus)
-    stamp = corpus_stamp(root)
+    stamp = corpus_stamp(root, [pool_subset, dev_subset, sa_subset, "SPEAKERS.TXT"])
     if check_prepared(data_dir, str(corpus), opts, extra, overwrite, stamp):
         logging.info("%s is complete for these options: skipping", data_dir)
         return data_dir / "sa_splits"

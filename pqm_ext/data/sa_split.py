@@ -107,12 +107,19 @@ def _options_record(corpus: str, opts: SplitOptions, extra: dict) -> dict:
     return record
 
 
-def corpus_stamp(root: Path) -> str:
-    """Identity of the corpus directory (inode and status-change time, which copies and renames cannot
-    preserve): a corpus re-created in the same place, such as a re-synthesised demo corpus, gets a new
-    stamp and its data dirs are prepared again."""
-    st = root.stat()
-    return f"{st.st_ino}:{st.st_ctime_ns}"
+def corpus_stamp(root: Path, parts: Sequence[str]) -> str:
+    """Identity of the parts of the corpus that preparation reads (their inodes and status-change times, which
+    copies and renames cannot preserve): a corpus re-created in the same place, such as a re-synthesised demo
+    corpus, gets a new stamp and its data dirs are prepared again. Not the root's: another subset untarred
+    beside these, or a chmod of the root, changed its status and re-scanned every file of a real corpus."""
+    stamps = []
+    for part in parts:
+        if not (root / part).exists():  # the reader then says what is missing
+            stamps.append("-")
+            continue
+        st = (root / part).stat()
+        stamps.append(f"{st.st_ino}:{st.st_ctime_ns}")
+    return ",".join(stamps)
 
 
 def check_prepared(data_dir: Path, corpus: str, opts: SplitOptions, extra: dict, overwrite: bool,

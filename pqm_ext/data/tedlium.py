@@ -230,7 +230,8 @@ def prepare_tedlium3_sa(corpus: Path, data_dir: Path, opts: SplitOptions, check_
     if any(segment_padding):  # recorded only when used: a preparation from before the option still matches
         extra["segment_padding"] = [float(x) for x in segment_padding]
     root = find_root(corpus)
-    stamp = corpus_stamp(root)
+    stamp = corpus_stamp(root, [f"legacy/{s}/{kind}" for s in SUBSETS if s in ("train", "dev") or s in sa_subsets
+                                for kind in ("stm", "sph")])
     if check_prepared(data_dir, str(corpus), opts, extra, overwrite, stamp):
         logging.info("%s is complete for these options: skipping", data_dir)
         return data_dir / "sa_splits"
