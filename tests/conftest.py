@@ -233,8 +233,8 @@ def synth(tmp_path_factory) -> Callable[..., Path]:
     """``synth(text, voice="kal16")``: a 16 kHz mono wav of ``text`` (flite), with 0.3 s of silence
     around it (the encoder pads to 8 s: Whisper loops on audio cut right after the last word)."""
     missing = [t for t in ("flite", "sox") if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"speech synthesis needs {missing} (Debian packages flite, sox)")
+    if missing:  # a failure, not a skip: without them the suite would pass with none of its speech tests
+        pytest.fail(f"speech synthesis needs {missing} (Debian packages flite, sox: tools/install.sh installs them)")
     root = tmp_path_factory.mktemp("speech")
     made: Dict = {}
 
