@@ -13,7 +13,8 @@ from pqm_ext.demo.text import MAX_WORDS, MIN_WORDS, clean_sentence, load_sentenc
     ("Café  naïve ' ''", "CAFE NAIVE"),
     ("and/or under_score", "AND OR UNDER SCORE"),
     ("A well\u2013known fact \u2014 na\u00efve\u2014really", "A WELL KNOWN FACT NAIVE REALLY"),  # en/em dashes
-    ("Tom\u2019s `twas", "TOM'S 'TWAS"),  # typographic apostrophes are apostrophes
+    ("Tom\u2019s `twas", "TOM'S 'TWAS"),  # a typographic apostrophe is an apostrophe ...
+    ("\u2018Yes,\u2019 he said", "YES HE SAID"),  # ... typographic quotes are not
     ("", ""),
 ])
 def test_normalise_text(raw, expected):

@@ -241,7 +241,8 @@ def test_pointwise_adapters_in_mixed_batches_and_folded(impl, nf4_dir, load_base
 
 @pytest.mark.parametrize("impl", ["batched", "peft"])
 def test_adapters_added_to_a_model_in_eval_mode_decode_without_dropout(impl, nf4_dir, load_base):
-    """Decoding loads adapters into a model already in eval mode: their LoRA dropout must be off too."""
+    """Decoding loads adapters into a model already in eval mode: their LoRA dropout must be off too (the
+    batched implementation applies no dropout at all: for it the mode assertion is the check)."""
     model = load_base(nf4_dir / "model.safetensors")
     model.eval()
     cfg = AdapterConfig(rank=2, alpha=4.0, dropout=0.5, target_modules=ADAPTER.target_modules)
@@ -258,6 +259,17 @@ def test_adapters_added_to_a_model_in_eval_mode_decode_without_dropout(impl, nf4
         torch.testing.assert_close(first, second, rtol=0, atol=0)
         torch.testing.assert_close(first, torch.cat(one_adapter_at_a_time(mixed, layer, x, ["a", "b", None])),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_takes_the_mode_of_the_model_it_is_added_to(nf4_dir, load_base):
+    model = load_base(nf4_dir / "model.safetensors")
+    cfg = AdapterConfig(rank=1, alpha=2.0, dropout=0.5, target_modules=["feed_forward.w_1"])
+    model.eval()
+    add_adapter(model, cfg, "a")
+    assert not any(m.training for m in model.modules())
+    model.train()
+    add_adapter(model, cfg, "b")  # training: its dropout on, like the rest of the model's
+    assert all(m.training for n, m in model.named_modules() if n.endswith("lora_dropout.b"))
 
 
 def test_adapter_config_validation():

@@ -131,3 +131,10 @@ def test_a_table_refuses_hypotheses_of_another_test_set_or_model(tmp_path):
     (tmp_path / "base/model.safetensors").write_bytes(b"quantised again")
     with pytest.raises(InputError, match=rf"{decode_dir}/hyp/a.json: decoded before its model changed"):
         check_decoded_from(system, decode_dir, data, hyps)
+    # a speaker whose record is gone while others have theirs: a decoding stopped while it replaced them
+    two = DataDir({**data.wav_scp, "b-1": "b1.wav"}, {**data.text, "b-1": "AGAIN"}, {**data.utt2spk, "b-1": "b"})
+    decode.write_hypotheses(decode.hyp_file(decode_dir, "b"), "b-1 again\n",
+                            {"made_from": decode.decode_inputs(system, "b", two, ["b-1"], conf)})
+    decode.hyp_file(decode_dir, "a").with_suffix(".json").unlink()
+    with pytest.raises(InputError, match=rf"{decode_dir}/hyp/a.json: missing beside the other speakers' records"):
+        check_decoded_from(system, decode_dir, two, {**hyps, "b-1": "again"})

@@ -125,7 +125,7 @@ words() {
     while IFS= read -r -d '' w; do parsed+=("$w"); done < <(python -c 'import shlex, sys
 try: sys.stdout.write("".join(w + "\0" for w in shlex.split(sys.argv[1]) + ["."]))
 except ValueError: pass' "${!name}")
-    [ "${#parsed[@]}" -gt 0 ] || { log "--$name '${!name}': unbalanced quotes"; exit 1; }
+    [ "${#parsed[@]}" -gt 0 ] || { log "--$name '${!name}': cannot split it into words (unbalanced quotes?)"; exit 1; }
     WORDS+=("${parsed[@]:0:${#parsed[@]}-1}")
   done
 }
@@ -143,6 +143,7 @@ split_speakers() {
   speakers | awk -v n="$n" -v d="$dir" '{ print > (d "/spk." ((NR - 1) % n + 1)) }'
 }
 
+if run 8 && [ -f $datadir/sa_test/spk2utt ]; then check_nj "$nj"; fi  # cheap, before ESPnet is imported below
 if run 8 || { run 7 && [[ " $inits " == *" semi "* ]]; }; then  # here, not in every decoding job
   problem=$(python -c 'import os, sys; from pqm_ext.asr.recognizer import decode_config_problem
 os.write(3, (decode_config_problem(sys.argv[1]) or "").encode())' "$decode_config" 3>&1 >/dev/null)  # fd 3: ESPnet prints on stdout

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from pqm_ext.asr.layout import ExpLayout
 from pqm_ext.asr.train import ADAPTER, train_adapter
 from pqm_ext.data.kaldi_dir import DataDir
-from pqm_ext.data.text import normalise_text
+from pqm_ext.data.text import has_digits, normalise_text
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_dir, unit_of_work
 
@@ -54,12 +54,20 @@ def read_split(path: Path) -> List[str]:
 def read_labels(path: Path) -> Dict[str, str]:
     """``<utt> <hypothesis>`` lines, each put in the corpus's normal form: a teacher such as Whisper writes
     cased, punctuated text, and the adapter it teaches must learn the same target form as the references
-    that trained its initial LoRA and the other adapters."""
-    labels = {}
+    that trained its initial LoRA and the other adapters. One with digits is empty (left out)."""
+    labels, numbers = {}, []
     for line in path.read_text(encoding="utf-8").splitlines():
         parts = line.strip().split(maxsplit=1)
         if parts:
-            labels[parts[0]] = normalise_text(parts[1]) if len(parts) > 1 else ""
+            text = parts[1] if len(parts) > 1 else ""
+            if has_digits(text):  # "3 cats": the normal form cannot spell 3, and "CATS" teaches a deletion
+                numbers.append(parts[0])
+                text = ""
+            labels[parts[0]] = normalise_text(text)
+    if numbers:
+        logger.warning("%s: %d pseudo-label(s) hold digits, which the references' form cannot spell (as the corpus "
+                       "readers leave out such transcripts): taken as empty (%s)", path, len(numbers),
+                       ", ".join(numbers[:5]) + (", ..." if len(numbers) > 5 else ""))
     return labels
 
 

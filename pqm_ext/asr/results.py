@@ -73,9 +73,13 @@ def check_decoded_from(system: System, decode_dir: Path, data: DataDir, hyps: Di
         raise InputError(decode_dir / "hyp" / f"{spk}.txt", f"no hypothesis for {absent[0]} ({len(absent)} test "
                          "utterance(s) missing): run stage 8's decoding for this test set")
     spk2utt = data.spk2utt()
-    for spk in sorted(spk2utt):
-        made_from = (decode_record(decode_dir, spk) or {}).get("made_from")
-        if made_from is None:  # written before records named their inputs
+    made = {spk: (decode_record(decode_dir, spk) or {}).get("made_from") for spk in sorted(spk2utt)}
+    unrecorded = [spk for spk, m in made.items() if m is None]
+    if unrecorded and len(unrecorded) < len(made):  # all unrecorded: written before records named their inputs
+        raise InputError(decode_dir / "hyp" / f"{unrecorded[0]}.json", "missing beside the other speakers' records "
+                         "(a decoding stopped while it replaced these hypotheses): run stage 8's decoding again")
+    for spk, made_from in made.items():
+        if made_from is None:
             continue
         try:
             now = decode_inputs(system, spk, data, spk2utt[spk], made_from.get("decode_conf"))

@@ -88,9 +88,9 @@ def paired_bootstrap(base: Sequence[UttScore], system: Sequence[UttScore], draws
                      seed: int = 0) -> Dict:
     """How much ``system`` lowers ``base``'s WER on the same utterances, with a paired 95% interval.
 
-    Returns the relative reduction (base - system) / base and its interval (None when some resample
-    of ``base`` has no error, so the ratio is undefined there), the difference in WER points and its
-    interval, and the share of resamples in which ``system`` has fewer errors.
+    Returns the relative reduction (base - system) / base and its interval (over the resamples in which
+    ``base`` makes an error; None when more than 2.5 % of them have none), the difference in WER points
+    and its interval, and the share of resamples in which ``system`` has fewer errors.
     """
     if [s.utt for s in base] != [s.utt for s in system]:
         raise ValueError("paired_bootstrap: the two systems were not scored on the same utterances")
@@ -101,11 +101,13 @@ def paired_bootstrap(base: Sequence[UttScore], system: Sequence[UttScore], draws
     n_words = np.maximum(words[idx].sum(1), 1)
     wb, ws = eb[idx].sum(1) / n_words, es[idx].sum(1) / n_words
     wer_b, wer_s = pooled_wer(base), pooled_wer(system)
-    # A resample without a baseline error has no relative reduction; dividing by ~0 there gave bounds
-    # of -1e11. Then only the difference in points has an interval.
+    # A resample without a baseline error has no relative reduction (dividing by ~0 there gave bounds of
+    # -1e11). Such draws are left out while they are few enough (2.5 %) not to decide a bound; with more,
+    # only the difference in points has an interval.
+    defined = wb > 0
     rel_ci = None
-    if (wb > 0).all():
-        rel_ci = [float(x) for x in np.percentile((wb - ws) / wb, [2.5, 97.5])]
+    if defined.mean() >= 0.975:
+        rel_ci = [float(x) for x in np.percentile((wb[defined] - ws[defined]) / wb[defined], [2.5, 97.5])]
     return {
         "rel_reduction": (wer_b - wer_s) / wer_b if wer_b else 0.0,
         "rel_reduction_ci95": rel_ci,

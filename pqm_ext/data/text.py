@@ -3,7 +3,8 @@
 The normal form is what LibriSpeech transcripts already look like: upper case, words made of the
 letters A-Z and apostrophes only, separated by single spaces. Rules, in order:
 
-* accented letters lose their accents (NFKD); typographic apostrophes (``’``) become ``'``;
+* accented letters lose their accents (NFKD); a typographic apostrophe inside a word (``Tom’s``) becomes
+  ``'``, typographic quotes are dropped;
 * hyphens, dashes (``–``, ``—``), slashes and underscores separate words (``LONG-FORGOTTEN`` ->
   ``LONG FORGOTTEN``); other non-ASCII characters are then dropped;
 * any other character that is not a letter or an apostrophe is removed;
@@ -31,7 +32,8 @@ import unicodedata
 TEDLIUM_IGNORE = "ignore_time_segment_in_scoring"
 
 _SEPARATORS = re.compile(r"[-\u2010-\u2015\u2212_/]+")
-_APOSTROPHES = re.compile(r"[`\u2018\u2019\u02bc]")  # typographic apostrophes and the backtick
+# A backtick, or a typographic apostrophe inside a word (Tom’s): not ‘quotes’ around one, which are dropped
+_APOSTROPHES = re.compile(r"`|(?<=[^\W\d_])[\u2019\u02bc](?=[^\W\d_])")
 _NOT_ALLOWED = re.compile(r"[^A-Z'\s]+")
 _MARKER_WORD = re.compile(r"^(<[^>]*>|\{[^}]*\}|\[[^\]]*\])('.*)?$")  # a marker, maybe with a joined suffix
 _VARIANT = re.compile(r"\(\d+\)")

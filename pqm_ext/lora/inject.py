@@ -56,6 +56,8 @@ def add_adapter(model: torch.nn.Module, cfg: AdapterConfig, name: str = "default
                           target_modules=patterns_to_regex(cfg.target_modules))
     peft_cfg._register_custom_module({NF4Linear: LoraLinear4bit, QuantConv: LoraQuantConv1d})
     inject_adapter_in_model(peft_cfg, model, adapter_name=name)
+    for layer in layers:  # peft makes new LoRA modules in train mode: in a model set to eval, dropout while decoding
+        model.get_submodule(layer).train(model.training)
     for pname, p in model.named_parameters():
         p.requires_grad_(f"lora_A.{name}." in pname or f"lora_B.{name}." in pname)
     remember_base_statistics(model)  # before training moves them: a speaker without statistics gets these

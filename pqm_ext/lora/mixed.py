@@ -131,7 +131,6 @@ class MixedAdapters:
             if key in self.internal.values():
                 raise ValueError(f"speaker ids {name!r} and another one map to the same adapter name {key!r}")
             add_adapter(self.model, cfg, key)  # peft makes the adapter it injects the active one...
-            self.model.train(self.model.training)  # new LoRA modules start in train mode: dropout while decoding
             self.internal[name] = key
             if self.active is not None:  # ...but one speaker at a time, the speaker ``use`` chose stays
                 self.use(self.active)
