@@ -52,6 +52,20 @@ def test_whisper_style_text_is_scored_against_the_corpus_normal_form():
     assert (scores["c"].sub, scores["c"].dele) == (1, 1)  # digits are not rewritten: "5" is a wrong word
 
 
+def test_whisper_cleaner_scores_an_unadapted_whispers_orthography_as_right():
+    """Titles, numbers, British spellings and (Laughter), as Whisper writes them, against the corpus's normal
+    form: errors with the toolkit's normalisation, none with ESPnet's whisper_en cleaner on both sides."""
+    refs = {"a": "MISTER SMITH SAID IT WAS FIFTY PERCENT", "b": "WE DON'T KNOW WHAT COLOUR IT IS"}
+    hyps = {"a": "Mr. Smith said it was 50%.", "b": "We don't know what color it is. (Laughter)"}
+    plain = {s.utt: s.errors for s in score_utterances(refs, hyps)}
+    whisper = {s.utt: s.errors for s in score_utterances(refs, hyps, cleaner="whisper_en")}
+    assert plain["a"] == 3 and plain["b"] == 2
+    assert whisper == {"a": 0, "b": 0}
+    assert [s.errors for s in score_utterances({"a": "A CAT"}, {"a": "a dog"}, cleaner="whisper_en")] == [1]
+    with pytest.raises(ValueError, match="unknown scoring cleaner"):
+        score_utterances(refs, hyps, cleaner="tacotron")
+
+
 def test_paired_bootstrap_has_no_relative_interval_where_the_baseline_can_have_no_error():
     refs = {f"u{i}": "a b c d" for i in range(10)}
     base = score_utterances(refs, {**{u: "a b c d" for u in refs}, "u0": "a b c x"})

@@ -57,6 +57,10 @@ pseudo_labels=false        # add the semi-supervised variant: the fp model decod
 valid_fraction=0           # >0: hold out this fraction of a speaker's N utterances (at least 1) and keep the
                            # adapter of the epoch with the lowest held-out loss (early stopping); 0: keep the last
 decode_config=             # default: conf/<model>/decode.yaml
+score_cleaner=             # text normalisation before scoring, of references and hypotheses alike: none (lower
+                           # case, punctuation removed) | whisper_en | whisper_basic (ESPnet's cleaners: Whisper's
+                           # normalisers). Default: whisper_en for whisper (an unadapted Whisper writes "Mrs.",
+                           # "2008", "color"), none for conformer (it writes the corpus's normal form)
 mixed_batch=0              # >0: greedy decoding in batches of this many utterances from different speakers,
                            # each with its own adapter (one job decodes all its speakers together)
 fold_adapters=true         # one speaker at a time: fold the adapter into the weights (W + B A s) while that
@@ -70,7 +74,8 @@ help_message="Usage: $0 [options]  (see the comments at the top of egs/TEMPLATE/
 options="stage stop_stage nj ngpu jobs_per_gpu seed model corpus corpus_layout corpus_dir demo_dir demo_opts data_opts demo_data_opts
          datadir dumpdir
          audio_format min_wav_duration max_wav_duration model_config whisper_checkpoint pretrained_model
-         base_train_config nbpe quant baselines nutts inits pseudo_labels valid_fraction decode_config mixed_batch
+         base_train_config nbpe quant baselines nutts inits pseudo_labels valid_fraction decode_config score_cleaner
+         mixed_batch
          fold_adapters lora_args pretrain_args adapt_args asr_args tag noise_scp rir_scp"
 . utils/parse_options.sh
 [ $# -eq 0 ] || { log "unexpected argument: $1"; exit 1; }
@@ -102,6 +107,9 @@ fi
 model_config=${model_config:-conf/$model/model.yaml}
 base_train_config=${base_train_config:-conf/$model/train.yaml}
 decode_config=${decode_config:-conf/$model/decode.yaml}
+[ -n "$score_cleaner" ] || { [ $model = whisper ] && score_cleaner=whisper_en || score_cleaner=none; }
+case $score_cleaner in none|whisper_en|whisper_basic) ;;
+  *) log "--score_cleaner must be none, whisper_en or whisper_basic, not '$score_cleaner'"; exit 1 ;; esac
 [ "$pseudo_labels" = true ] && [[ " $inits " != *" semi "* ]] && inits="$inits semi"
 # The demo Conformer is trained from scratch on the demo pool; 1 h of it (enough for Whisper, which only
 # pretrains LoRA on it) leaves the decoder spelling words it heard once. Unless told otherwise it gets a 3 h
@@ -286,7 +294,8 @@ if run 8; then
       --decode_config "$decode_config" \
       --ngpu "$ngpu" --mixed_batch "$mixed_batch" --fold_adapters "$fold_adapters"
   python -m pqm_ext.bin.make_results --exp_dir $exp --tag "$tag" --quant $quant --baselines $baselines \
-    --data $dump/sa_test --model $model --corpus "$corpus" --nutts $nutts --inits $inits --decode_config "$decode_config"
+    --data $dump/sa_test --model $model --corpus "$corpus" --nutts $nutts --inits $inits --decode_config "$decode_config" \
+    --score_cleaner "$score_cleaner"
   log "RESULTS: $PWD/$work/RESULTS.md"
 fi
 log "finished stages $stage-$stop_stage in ${SECONDS}s"

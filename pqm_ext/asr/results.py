@@ -147,10 +147,11 @@ def pqm_started_from(layout: ExpLayout) -> List[str]:
 
 
 def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str, corpus: str,
-            decode_conf: Dict) -> Dict:
+            decode_conf: Dict, cleaner: str = "none") -> Dict:
     speakers = sorted(set(data.utt2spk.values()))
     results: Dict = {"model": model, "corpus": corpus, "quant": layout.quant, "speakers": speakers,
-                     "test_utts": len(data.utt2spk), "decode": decode_conf, "systems": {}, "decode_time": {}}
+                     "test_utts": len(data.utt2spk), "decode": decode_conf, "score_cleaner": cleaner,
+                     "systems": {}, "decode_time": {}}
     if layout.tag:  # a variant's table must say so, and which pretrained LoRA its PQM started from
         results["tag"] = layout.tag
         results["pqm_started_from"] = pqm_started_from(layout)
@@ -164,7 +165,7 @@ def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str,
         check_decoded_with(layout.decode(system.name), speakers, decode_conf)
         check_decoded_from(system, layout.decode(system.name), data, hyps)
         key = (system.group, system.n_utts)
-        scored[key] = score_utterances(data.text, hyps)
+        scored[key] = score_utterances(data.text, hyps, cleaner)
         summaries[key] = summarize(scored[key], data.utt2spk)
         write_text_atomic(layout.decode(system.name) / "score.json", json.dumps(summaries[key], indent=1))
         results["decode_time"][system.name] = decode_timing(layout.decode(system.name), speakers)
@@ -197,6 +198,15 @@ def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str,
     return results
 
 
+NORMALISATION = {
+    "none": "accents folded, lower case, dashes and slashes split words, other punctuation removed "
+            "(pqm_ext.asr.score)",
+    "whisper_en": "Whisper's English normaliser on references and hypotheses (ESPnet's whisper_en cleaner: "
+                  "numbers, titles, contractions and spellings in one form, annotations removed)",
+    "whisper_basic": "Whisper's basic normaliser on references and hypotheses (ESPnet's whisper_basic cleaner)",
+}
+
+
 def _pct(x: Optional[float]) -> str:
     return "" if x is None else f"{100 * x:.1f}"
 
@@ -215,7 +225,7 @@ def render_markdown(r: Dict) -> str:
                   f"models{start}.", ""]
     lines += [f"Target speakers: {len(r['speakers'])}, test utterances: {r['test_utts']}. "
               f"WER pooled over all test words (errors / reference words), 95% bootstrap interval over utterances. "
-              f"Decoding: {json.dumps(r['decode'])}. Normalisation: accents folded, lower case, dashes and slashes split words, other punctuation removed (pqm_ext.asr.score).",
+              f"Decoding: {json.dumps(r['decode'])}. Normalisation: {NORMALISATION[r.get('score_cleaner', 'none')]}.",
               "The relative reduction's interval is paired: FP and the system are resampled with the same utterances.",
               "", "| system | N adapt utts | WER % | 95% CI | sub/del/ins | rel. WER reduction vs FP % "
               "| paired 95% CI | base size MB |", "|---|---|---|---|---|---|---|---|"]

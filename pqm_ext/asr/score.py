@@ -7,6 +7,14 @@ removed (so "don't", "don’t" and "dont" match); whitespace collapsed. Whisper 
 text and the corpora are upper case without punctuation: this makes them comparable without rewriting
 words (no spelling or number normalisation: a hypothesis's digits stay, and count as errors).
 
+That is fair between systems that write the corpus's normal form (a Conformer trained on it, and every
+LoRA system, which learns it from its targets) but not to an unadapted Whisper, which writes ``Mrs.``,
+``2008``, ``OK``, ``color`` and ``(Laughter)``: they would count as errors of orthography, and adaptation
+would get the credit for learning the corpus's spelling. ``cleaner="whisper_en"`` therefore scores with
+Whisper's own English normaliser instead, through ESPnet's ``TextCleaner`` (what ESPnet's Whisper recipes
+give asr.sh as ``--cleaner``/``--hyp_cleaner``), on references and hypotheses alike: numbers, titles,
+contractions and British spellings are put in one form, bracketed annotations and fillers removed.
+
 WER is pooled over words: total errors (substitutions + deletions + insertions) / reference words.
 The 95% interval resamples utterances with replacement (1000 draws, fixed seed), as suggested for
 small test sets. Two systems decoded on the same utterances are compared *paired*: both are resampled
@@ -16,7 +24,7 @@ intervals can overlap widely while the paired interval of their difference exclu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import jiwer
 import numpy as np
@@ -32,8 +40,26 @@ NORMALIZE = jiwer.Compose([
 ])
 
 
+CLEANERS = ("none", "whisper_en", "whisper_basic")
+
+
 def normalize(text: str) -> str:
     return NORMALIZE(fold_accents(text))
+
+
+def normalizer(cleaner: str = "none") -> Callable[[str], str]:
+    """The text normalisation that ``cleaner`` names: ``none`` is :func:`normalize`; ``whisper_en`` and
+    ``whisper_basic`` are ESPnet's cleaners of those names (Whisper's English and basic normalisers)."""
+    if cleaner not in CLEANERS:
+        raise ValueError(f"unknown scoring cleaner {cleaner!r}: one of {', '.join(CLEANERS)}")
+    if cleaner == "none":
+        return normalize
+    from espnet2.text.cleaner import TextCleaner
+
+    whisper = TextCleaner([cleaner])
+    if whisper.whisper_cleaner is None:  # ESPnet leaves it out, silently, without openai-whisper
+        raise RuntimeError(f"scoring cleaner {cleaner!r} needs openai-whisper's normalisers (tools/install.sh)")
+    return lambda text: " ".join(whisper(text).split())
 
 
 @dataclass
@@ -46,11 +72,12 @@ class UttScore:
     ins: int
 
 
-def score_utterances(refs: Dict[str, str], hyps: Dict[str, str]) -> List[UttScore]:
+def score_utterances(refs: Dict[str, str], hyps: Dict[str, str], cleaner: str = "none") -> List[UttScore]:
     """Score every reference utterance; a missing hypothesis counts as empty (all deletions)."""
+    norm = normalizer(cleaner)
     out = []
     for utt in sorted(refs):
-        ref, hyp = normalize(refs[utt]), normalize(hyps.get(utt, ""))
+        ref, hyp = norm(refs[utt]), norm(hyps.get(utt, ""))
         n_ref = len(ref.split())
         if not hyp:
             out.append(UttScore(utt, n_ref, n_ref, 0, n_ref, 0))

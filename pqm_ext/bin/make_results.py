@@ -14,6 +14,7 @@ from pathlib import Path
 from pqm_ext.asr.config import read_yaml
 from pqm_ext.asr.layout import add_tag_argument, layout_of
 from pqm_ext.asr.results import collect, plot_wer_vs_n, render_markdown
+from pqm_ext.asr.score import CLEANERS
 from pqm_ext.data.kaldi_dir import read_data_dir
 from pqm_ext.utils.fileio import atomic_file, write_text_atomic
 from pqm_ext.utils.cli import entry_point
@@ -31,6 +32,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--nutts", nargs="*", type=int, default=[])
     p.add_argument("--inits", nargs="*", default=["scratch", "pretrained"])
     p.add_argument("--decode_config", required=True)
+    p.add_argument("--score_cleaner", choices=CLEANERS, default="none",
+                   help="text normalisation before scoring, of references and hypotheses alike: none (the "
+                        "toolkit's: lower case, punctuation removed) or ESPnet's whisper_en / whisper_basic "
+                        "cleaners (Whisper's normalisers; fair to an unadapted Whisper's orthography)")
     return p
 
 
@@ -39,7 +44,8 @@ def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
     layout = layout_of(a)
     systems = layout.systems(a.nutts, a.inits, a.baselines)
-    results = collect(layout, systems, read_data_dir(a.data), a.model, a.corpus, read_yaml(a.decode_config))
+    results = collect(layout, systems, read_data_dir(a.data), a.model, a.corpus, read_yaml(a.decode_config),
+                      a.score_cleaner)
     write_text_atomic(layout.work / "results.json", json.dumps(results, indent=1))
     write_text_atomic(layout.work / "RESULTS.md", render_markdown(results))
     with atomic_file(layout.work / "wer_vs_n.png", "wb") as f:
