@@ -11,7 +11,7 @@ import yaml
 from data_fixtures import (OUTPUTS, REPO, SPLIT_ARGS, TINY, TINY_SEED, assert_no_outputs, copy_tree,  # noqa: F401
                            run_data_sh, tedlium_tree, tree_digest)
 from pqm_ext.data.kaldi_dir import DataDir, Segment, read_data_dir, validate_data_dir
-from pqm_ext.data.tedlium import pad_segments
+from pqm_ext.data.tedlium import pad_segments, talk_person
 from pqm_ext.data.text import normalise_tedlium
 
 TED = "tedlium3"
@@ -177,9 +177,16 @@ def test_the_real_releases_stm_conventions(tmp_path, tedlium_tree):
     # The target and a pool talk are given by the same person; TED-LIUM 3's train labels are <NA>.
     for talk in (target, same_person):
         _rewrite(legacy / "train/stm" / f"{talk}.stm", lambda i, r: r[:2] + ["SamePerson"] + r[3:5] + ["<NA>"] + r[6:])
-    # A <NA> line to ignore, one target segment with <unk> before a split suffix, one pool segment with a digit.
+    # Another talk by the target's speaker, whose stm gives the talk id as the speaker: only its name says so.
+    namesake = f"{talk_person(other_talk)}_1999X"
+    for kind in ("stm", "sph"):
+        (legacy / f"train/{kind}/{namesake}.{kind}").write_bytes((legacy / f"train/{kind}/{pool[1]}.{kind}").read_bytes())
+    _rewrite(legacy / f"train/stm/{namesake}.stm", lambda i, r: [namesake, r[1], namesake] + r[3:])
+    # A zero-length <NA> line to ignore (dropped before its times are looked at), one target segment with
+    # <unk> before a split suffix, one pool segment with a digit, one with release 1's trailing utterance key.
     stm = legacy / "train/stm" / f"{same_person}.stm"
-    stm.write_text(stm.read_text() + f"{same_person} 1 inter_segment_gap 900.00 901.00 <NA> ignore_time_segment_in_scoring\n")
+    stm.write_text(stm.read_text() + f"{same_person} 1 inter_segment_gap 900.00 900.00 <NA> ignore_time_segment_in_scoring\n")
+    _rewrite(legacy / "train/stm" / f"{pool[1]}.stm", lambda i, r: r + [f"({pool[1]}-{i})"] if i == 2 else r)
     _rewrite(legacy / "train/stm" / f"{target}.stm", lambda i, r: r[:7] + ["<unk>", "'s"] + r[7:] if i == 1 else r)
     _rewrite(legacy / "train/stm" / f"{pool[1]}.stm", lambda i, r: r[:7] + ["co", "2"] + r[7:] if i == 1 else r)
     for dev_stm in (legacy / "dev/stm").glob("*.stm"):
@@ -190,7 +197,12 @@ def test_the_real_releases_stm_conventions(tmp_path, tedlium_tree):
     dirs = {name: validate_data_dir(data / name) for name in OUTPUTS[:4]}
     # The pool keeps no talk of a target's speaker, and says so.
     assert same_person not in dirs["pretrain"].speakers and pool[1] in dirs["pretrain"].speakers
-    assert f"same speakers as a target talk: {same_person}" in proc.stderr
+    assert namesake not in dirs["pretrain"].speakers
+    assert f"same speakers as a target talk: {' '.join(sorted([namesake, same_person]))}" in proc.stderr
+    # The utterance key is not a word, and the segment stays.
+    keyed = sorted(u for u, spk in dirs["pretrain"].utt2spk.items() if spk == pool[1])
+    assert len(keyed) == len(stm_segments(tedlium_tree, "train")[pool[1]]) - 1  # less the one with a digit
+    assert not any(pool[1].upper().replace("_", " ") in dirs["pretrain"].text[u] for u in keyed)
     # The <unk> segment is no SA candidate; the ignore line and the digit segment are nowhere.
     unk_utt = [u for u, spk in dirs["sa_adapt"].utt2spk.items() if spk == target]
     first = stm_segments(tedlium_tree, "train")[target][0]
@@ -198,7 +210,7 @@ def test_the_real_releases_stm_conventions(tmp_path, tedlium_tree):
     assert len(unk_utt) == 3 and unk_id not in dirs["sa_adapt"].utt2spk and unk_id not in dirs["sa_test"].utt2spk
     texts = [t for d in dirs.values() for t in d.text.values()]
     assert not any("IGNORE" in t or t.startswith("CO ") for t in texts)
-    ignored = len(targets) + len(pool) + 1  # the demo's lead-in of every talk, and the <NA> line
+    ignored = len(targets) + len(pool) + 2  # the demo's lead-in of every talk and the namesake's, the <NA> line
     assert f"dropped {ignored} ignore_time_segment_in_scoring, 1 with digits, 0 without words; 1 with <unk>" \
         in proc.stderr, proc.stderr
     # Dev's <F0_M>/<F0_F> are labels that give the talk's gender, not words.
@@ -219,6 +231,19 @@ def test_segments_are_padded_like_kaldis_extend_segment_times():
         "d": Segment("t", 3.9, 5.1),
         "e": Segment("u", 0.85, 2.1),     # another recording: its own neighbours
     }
+
+
+def test_a_segment_left_out_is_a_neighbour_that_padding_stops_at():
+    """A segment dropped for its digits was spoken: padding its neighbours into it would give them words
+    that are in no reference. Without it, the two segments are 2 s apart and get the full padding."""
+    seg = {"a": Segment("t", 10.0, 12.0), "c": Segment("t", 14.0, 16.0)}
+    data = DataDir(wav_scp={"t": "t.sph"}, text={u: "X" for u in seg}, utt2spk={u: "t" for u in seg},
+                   segments=dict(seg))
+    pad_segments(data, 0.15, 0.1, dropped={"t": [(12.0, 14.0)], "other": [(0.0, 1.0)]})
+    assert data.segments == {"a": Segment("t", 9.85, 12.0), "c": Segment("t", 14.0, 16.1)}
+    pad_segments(alone := DataDir(wav_scp={"t": "t.sph"}, text={u: "X" for u in seg},
+                                  utt2spk={u: "t" for u in seg}, segments=dict(seg)), 0.15, 0.1)
+    assert alone.segments == {"a": Segment("t", 9.85, 12.1), "c": Segment("t", 13.85, 16.1)}
 
 
 def test_run_sh_pads_a_corpus_given_as_corpus_dir_but_not_its_own_demo(tmp_path, tedlium_tree):

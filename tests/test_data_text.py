@@ -1,7 +1,7 @@
 """Transcript normalisation (LibriSpeech and TED-LIUM) and the demo corpus's sentence pool."""
 import pytest
 
-from pqm_ext.data.text import is_normalised, normalise_tedlium, normalise_text
+from pqm_ext.data.text import drop_annotations, is_normalised, normalise_tedlium, normalise_text
 from pqm_ext.demo.text import MAX_WORDS, MIN_WORDS, clean_sentence, load_sentences
 
 
@@ -28,9 +28,18 @@ def test_normalise_text(raw, expected):
     ("<unk> {BREATH}", ""),
     ("the <unk> 's house", "THE HOUSE"),     # a suffix joined to a marker goes with it
     ("<unk> 's not", "NOT"),
+    ("it was 'cause of you get 'em", "IT WAS 'CAUSE OF YOU GET 'EM"),  # only clitics are joined
+    ("<unk>-based design {NOISE}-ish", "BASED DESIGN ISH"),  # a marker glued to a word: the word stays
 ])
 def test_normalise_tedlium(raw, expected):
     assert normalise_tedlium(raw) == expected
+
+
+def test_a_teachers_annotations_are_not_words():
+    """Whisper, trained on subtitles, writes what no one said: it must not become a pseudo-label's words."""
+    text = "So that was it. (Laughter) (Applause) \u266a [Music] thanks \u266b"
+    assert normalise_text(drop_annotations(text)) == "SO THAT WAS IT THANKS"
+    assert normalise_text(text) == "SO THAT WAS IT LAUGHTER APPLAUSE MUSIC THANKS"  # what it was before
 
 
 def test_is_normalised():

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from pqm_ext.asr.layout import ExpLayout
 from pqm_ext.asr.train import ADAPTER, train_adapter
 from pqm_ext.data.kaldi_dir import DataDir
-from pqm_ext.data.text import has_digits, normalise_text
+from pqm_ext.data.text import drop_annotations, has_digits, normalise_text
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_dir, unit_of_work
 
@@ -59,7 +59,7 @@ def read_labels(path: Path) -> Dict[str, str]:
     for line in path.read_text(encoding="utf-8").splitlines():
         parts = line.strip().split(maxsplit=1)
         if parts:
-            text = parts[1] if len(parts) > 1 else ""
+            text = drop_annotations(parts[1]) if len(parts) > 1 else ""
             if has_digits(text):  # "3 cats": the normal form cannot spell 3, and "CATS" teaches a deletion
                 numbers.append(parts[0])
                 text = ""

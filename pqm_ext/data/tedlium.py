@@ -10,9 +10,11 @@ comments. The label is any ``<...>`` token in that place except the transcript m
 ``<sil>``: ``<o,f0,male>`` in most files, ``<NA>`` in TED-LIUM 3's train stms and ``<F0_M>``/``<F0_F>``
 in the legacy dev set (spk2gender comes from them when every talk of a subset has one gender).
 Speakers are talks; the ``<speaker>`` field names the person giving it, which matters because one person
-may give several talks (below). Segments left out, each counted in the log:
+may give several talks (below). A final ``(<utterance key>)`` token, which TED-LIUM's first release put
+on its train lines, is removed as ESPnet's recipe removes it. Segments left out, each counted in the log:
 
-* a transcript with ``ignore_time_segment_in_scoring`` among its tokens (Kaldi and ESPnet drop these too);
+* a transcript with ``ignore_time_segment_in_scoring`` among its tokens (Kaldi and ESPnet drop these too,
+  before looking at anything else on the line: their times may be anything);
 * a transcript with digits (``co 2``, ``100 percent``), which the normal form cannot spell (pqm_ext.data.text);
 * a segment with no word left after normalisation (no transcript at all, or only ``<unk>``/noise markers).
 
@@ -21,13 +23,15 @@ Utterance ids follow Kaldi's TED-LIUM recipe: ``<talk>-<start in cs, 7 digits>-<
 Train segments (and test segments when they are SA candidates) are padded as Kaldi's and ESPnet's
 TED-LIUM recipes pad them (``extend_segment_times.py``: 0.15 s before, 0.1 s after) because the
 release's automatic alignments clip word onsets; padding stops halfway to a neighbouring segment, so
-segments never overlap. Utterance ids keep the stm times. The demo corpus pads its own stm times and
+segments never overlap (a segment left out above is a neighbour too: its speech is in no one's reference). Utterance ids keep the stm times. The demo corpus pads its own stm times and
 passes ``segment_padding=(0, 0)``.
 
 SA talks are held out of the training talks: the ``num_target_speakers`` targets are drawn from
 the legacy train talks with enough segments (pqm_ext.data.sa_split), and the pretraining pool is the
 remaining train talks less every other talk by a target talk's speaker, so no target voice is in the
-pool. Segments whose transcript holds ``<unk>`` (often a real word the aligner did not know) are not
+pool. The speaker is known two ways, and either one holds a talk out: the stm speaker field, and the name in
+the talk id (``HansRosling_2006`` and ``HansRosling_2009G``: ``HansRosling``), because some stm files give
+the talk id as the speaker. Segments whose transcript holds ``<unk>`` (often a real word the aligner did not know) are not
 SA candidates: an adaptation or test reference must say every word that was spoken; they stay in the
 pool with the marker removed. The legacy dev talks are the dev set. The legacy test talks (11 talks, about
 100 segments each, too few for 100 adaptation + test segments) are not used unless
@@ -36,10 +40,11 @@ pool with the marker removed. The legacy dev talks are the dev set. The legacy t
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from pqm_ext.data.kaldi_dir import DataDir, Segment, numbered_lines
 from pqm_ext.data.sa_split import SplitOptions, check_prepared, corpus_stamp, make_sa_split, write_prepared
@@ -56,6 +61,15 @@ def find_root(corpus: Path) -> Path:
     if (corpus / "TEDLIUM_release-3").is_dir():
         return corpus / "TEDLIUM_release-3"
     return corpus
+
+
+_TALK_YEAR = re.compile(r"_\d{4}[A-Za-z]*$")
+_UTTERANCE_KEY = re.compile(r"\s*\([^()\s]*\)$")
+
+
+def talk_person(talk: str) -> str:
+    """The speaker's name in a TED talk id: ``HansRosling_2006`` -> ``HansRosling``."""
+    return _TALK_YEAR.sub("", talk)
 
 
 def utt_id(talk: str, start: float, end: float) -> str:
@@ -88,6 +102,7 @@ class StmNotes:
     empty: int = 0
     unk: Set[str] = field(default_factory=set)
     person: Dict[str, str] = field(default_factory=dict)
+    dropped: Dict[str, List[Tuple[float, float]]] = field(default_factory=dict)  # talk -> spans left out
 
     def add(self, other: "StmNotes") -> None:
         """Take in another subset's notes."""
@@ -95,6 +110,7 @@ class StmNotes:
                                                  self.empty + other.empty)
         self.unk |= other.unk
         self.person.update(other.person)
+        self.dropped.update(other.dropped)
 
     def summary(self) -> str:
         return (f"dropped {self.ignored} ignore_time_segment_in_scoring, {self.digits} with digits, "
@@ -112,6 +128,9 @@ def read_stm(stm: Path, sph: Path, seen: Dict[str, Tuple[Path, int]], data: Data
         fields = line.split(maxsplit=6)
         if len(fields) < 5:
             raise InputError(stm, "expected '<talk> <channel> <speaker> <start> <end> [<label>] <text>'", n)
+        if TEDLIUM_IGNORE in line.lower().split()[5:]:
+            notes.ignored += 1  # before the checks: Kaldi and ESPnet drop these lines first
+            continue
         if fields[0] != talk:
             raise InputError(stm, f"recording '{fields[0]}' does not match the file name '{talk}'", n)
         try:
@@ -122,16 +141,14 @@ def read_stm(stm: Path, sph: Path, seen: Dict[str, Tuple[Path, int]], data: Data
             raise InputError(stm, f"bad times {start} {end} (need 0 <= start < end)", n)
         rest = " ".join(fields[5:]).split()
         label = rest.pop(0) if rest and _is_label(rest[0]) else ""
-        if TEDLIUM_IGNORE in (w.lower() for w in rest):
-            notes.ignored += 1
-            continue
-        transcript = " ".join(rest)
-        if has_digits(transcript):
-            notes.digits += 1
-            continue
-        words = normalise_tedlium(transcript)
+        transcript = _UTTERANCE_KEY.sub("", " ".join(rest))
+        words = "" if has_digits(transcript) else normalise_tedlium(transcript)
         if not words:
-            notes.empty += 1
+            if has_digits(transcript):
+                notes.digits += 1
+            else:
+                notes.empty += 1
+            notes.dropped.setdefault(talk, []).append((start, end))
             continue
         utt = utt_id(talk, start, end)
         if utt in seen:
@@ -176,17 +193,24 @@ def scan_subset(root: Path, subset: str, seen: Dict[str, Tuple[Path, int]], note
     return data
 
 
-def pad_segments(data: DataDir, before: float, after: float) -> None:
+def pad_segments(data: DataDir, before: float, after: float,
+                 dropped: Optional[Dict[str, List[Tuple[float, float]]]] = None) -> None:
     """Widen every segment by ``before``/``after`` seconds, at most to the midpoint of the gap to its
-    neighbour in the same recording (segments that already overlap are left as they are) and not below 0."""
+    neighbour in the same recording (segments that already overlap are left as they are) and not below 0.
+    ``dropped``: per recording, the spans of segments left out of ``data``, which are neighbours too."""
     if not (before or after):
         return
     by_rec: Dict[str, list] = {}
     for utt, seg in data.segments.items():
         by_rec.setdefault(seg.recording, []).append((seg.start, seg.end, utt))
+    for rec, spans in (dropped or {}).items():
+        if rec in by_rec:
+            by_rec[rec] += [(start, end, "") for start, end in spans]
     for rec, segs in by_rec.items():
         segs.sort()
         for k, (start, end, utt) in enumerate(segs):
+            if not utt:
+                continue
             lo, hi = max(0.0, start - before), end + after
             if k > 0 and segs[k - 1][1] <= start:
                 lo = max(lo, (segs[k - 1][1] + start) / 2)
@@ -239,7 +263,7 @@ def prepare_tedlium3_sa(corpus: Path, data_dir: Path, opts: SplitOptions, check_
     notes = StmNotes()
     subsets = {s: scan_subset(root, s, seen, notes) for s in SUBSETS if s in ("train", "dev") or s in sa_subsets}
     for name in subsets.keys() - {"dev"}:
-        pad_segments(subsets[name], *segment_padding)
+        pad_segments(subsets[name], *segment_padding, dropped=notes.dropped)
     candidates = _merge([subsets[s] for s in sorted(sa_subsets)])
     candidates = candidates.subset(u for u in candidates.utt2spk if u not in notes.unk)
     source = str(root / "legacy" / "+".join(sorted(sa_subsets)))
@@ -247,7 +271,9 @@ def prepare_tedlium3_sa(corpus: Path, data_dir: Path, opts: SplitOptions, check_
     logging.info("TED-LIUM 3 SA: %d target talks: %s", len(targets), " ".join(targets))
     train = subsets["train"]
     target_people = {notes.person[t] for t in targets}
-    held_out = {talk for talk in train.speakers if talk in targets or notes.person.get(talk) in target_people}
+    target_names = {talk_person(t) for t in targets}
+    held_out = {talk for talk in train.speakers if talk in targets or notes.person.get(talk) in target_people
+                or talk_person(talk) in target_names}
     if held_out - set(targets):
         logging.info("also held out of the pretraining pool, given by the same speakers as a target talk: %s",
                      " ".join(sorted(held_out - set(targets))))

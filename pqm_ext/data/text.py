@@ -15,11 +15,14 @@ TED-LIUM 3 transcripts are lower case, split contractions (``i 'm``) and carry m
 rules above :func:`normalise_tedlium`
 
 * removes pronunciation-variant markers ``(2)`` (``word(2)`` -> ``word``);
-* joins a token that starts with an apostrophe to the one before (``i 'm`` -> ``I'M``), as Kaldi's
-  ``join_suffix.py`` does;
+* joins a clitic (``'s 't 're 've 'll 'd 'm``, or a lone ``'``) to the token before (``i 'm`` -> ``I'M``), as Kaldi's
+  ``join_suffix.py`` does; other tokens that start with an apostrophe (``'cause``, ``'em``) stay words;
 * then removes ``<unk>`` and any other ``<...>`` token, and noise tokens in braces or brackets
-  (``{NOISE}``, ``[laughter]``), with a suffix joined to them: ``the <unk> 's house`` is ``THE HOUSE``,
-  not ``THE'S HOUSE``.
+  (``{NOISE}``, ``[laughter]``), with a clitic joined to them: ``the <unk> 's house`` is ``THE HOUSE``,
+  not ``THE'S HOUSE``; a marker glued to a word goes and the word stays (``<unk>-based`` -> ``BASED``).
+
+A teacher's pseudo-labels (Whisper's text) may hold annotations that no one said, ``(Laughter)``,
+``[Music]``, ``♪``: :func:`drop_annotations` removes them before the rules above.
 
 Digits are not letters: the normal form cannot spell ``co 2`` or ``100 percent``, so the corpus readers
 leave such transcripts out (:func:`has_digits`) rather than silently drop the spoken number.
@@ -35,7 +38,11 @@ _SEPARATORS = re.compile(r"[-\u2010-\u2015\u2212_/]+")
 # A backtick, or a typographic apostrophe inside a word (Tom’s): not ‘quotes’ around one, which are dropped
 _APOSTROPHES = re.compile(r"`|(?<=[^\W\d_])[\u2019\u02bc](?=[^\W\d_])")
 _NOT_ALLOWED = re.compile(r"[^A-Z'\s]+")
-_MARKER_WORD = re.compile(r"^(<[^>]*>|\{[^}]*\}|\[[^\]]*\])('.*)?$")  # a marker, maybe with a joined suffix
+_MARKER = r"<[^>]*>|\{[^}]*\}|\[[^\]]*\]"
+_MARKER_WORD = re.compile(rf"^({_MARKER})('.*)?$")  # a marker, maybe with a joined clitic
+_MARKER_ANYWHERE = re.compile(_MARKER)
+_CLITIC = re.compile(r"^'(s|t|re|ve|ll|d|m)?$", re.IGNORECASE)  # and a plural's possessive (soldiers ')
+_ANNOTATION = re.compile(r"\([^)]*\)|\[[^\]]*\]|[\u266a\u266b\u266c\u266f]")  # (Laughter), [Music], music notes
 _VARIANT = re.compile(r"\(\d+\)")
 _NORMALISED = re.compile(r"^[A-Z']+( [A-Z']+)*$")
 
@@ -59,11 +66,16 @@ def normalise_tedlium(text: str) -> str:
     """Normalise a TED-LIUM stm transcript (markers removed, contractions joined)."""
     words: list = []
     for token in _VARIANT.sub("", text).split():
-        if token.startswith("'") and words:
+        if _CLITIC.match(token) and words:
             words[-1] += token
         else:
             words.append(token)
-    return normalise_text(" ".join(w for w in words if not _MARKER_WORD.match(w)))
+    return normalise_text(" ".join(_MARKER_ANYWHERE.sub(" ", w) for w in words if not _MARKER_WORD.match(w)))
+
+
+def drop_annotations(text: str) -> str:
+    """Remove what a subtitle-trained teacher writes besides words: ``(Laughter)``, ``[Music]``, ``♪``."""
+    return _ANNOTATION.sub(" ", text)
 
 
 def has_digits(text: str) -> bool:
