@@ -322,9 +322,10 @@ def test_save_load_round_trip_and_refusals(nf4_dir, load_base, other_nf4_file, r
         load_adapter(other, out)
     assert str(out) in str(err.value)
 
-    # Same base, other rank / other targets / no file.
+    # Same base, other rank / other alpha (the shapes fit, the scale would not) / other targets / no file.
     for cfg, message in [
-            (AdapterConfig(rank=2, alpha=8.0, target_modules=ADAPTER.target_modules), "different LoRA rank"),
+            (AdapterConfig(rank=2, alpha=8.0, target_modules=ADAPTER.target_modules), "LoRA rank 4 .* rank 2"),
+            (AdapterConfig(rank=4, alpha=16.0, target_modules=ADAPTER.target_modules), "alpha 8.0 .* alpha 16.0"),
             (AdapterConfig(rank=4, alpha=8.0, target_modules=["self_attn.linear_q"]), "does not fit")]:
         m = load_base(base_file)
         add_adapter(m, cfg)
@@ -333,6 +334,17 @@ def test_save_load_round_trip_and_refusals(nf4_dir, load_base, other_nf4_file, r
         assert str(out) in str(err.value)
     with pytest.raises(InputError, match="not found"):
         load_adapter(fresh, tmp_path / "nobody")
+
+
+def test_the_base_of_a_model_with_adapters_is_still_the_base_they_were_trained_on(nf4_dir, load_base):
+    """The base's fingerprint, taken again from a model that carries adapters, is the one they recorded:
+    peft renames a wrapped layer's bias, whose storage dtype must still be found."""
+    from pqm_ext.quant.checkpoint import base_state as stored_base, tensors_fingerprint
+
+    model = load_base(nf4_dir / "model.safetensors")
+    assert tensors_fingerprint(stored_base(model, QuantConfig())) == model.pqm_base_fingerprint
+    add_adapter(model, ADAPTER)
+    assert tensors_fingerprint(stored_base(model, QuantConfig())) == model.pqm_base_fingerprint
 
 
 # --------------------------------------------------------------------------- BatchNorm

@@ -75,6 +75,18 @@ def adapter_config_of(adapter_dir) -> AdapterConfig:
         raise InputError(Path(adapter_dir) / WEIGHTS, f"adapter config: {e}") from e
 
 
+def check_scaling(model: torch.nn.Module, name: str, meta: Dict[str, str], path: Path) -> None:
+    """Refuse an adapter whose rank or alpha differs from the injected one's: its weights would load (the
+    shapes fit when only alpha differs) but be scaled by the model's alpha / rank, not by its own."""
+    saved = json.loads(meta.get("pqm_adapter_config", "{}"))
+    injected = model.peft_config[name]
+    for key, peft_key in (("rank", "r"), ("alpha", "lora_alpha")):
+        if key in saved and float(saved[key]) != float(getattr(injected, peft_key)):
+            raise InputError(path, f"adapter was trained with LoRA {key} {saved[key]} but is loaded into a LoRA with "
+                                   f"{key} {getattr(injected, peft_key)}: its scale (alpha / rank) would change; give "
+                                   "the same lora_conf")
+
+
 def load_adapter_weights(model: torch.nn.Module, adapter_dir, name: str = "default",
                          check_base: bool = True) -> Tuple[Dict, Dict[str, torch.Tensor]]:
     """Load the LoRA weights into the already injected adapter ``name``, leaving the model's BatchNorm
@@ -89,6 +101,7 @@ def load_adapter_weights(model: torch.nn.Module, adapter_dir, name: str = "defau
     if check_base and saved != base:
         raise InputError(path, f"adapter was trained on base {saved or '(unknown)'} but this model's base is "
                                f"{base or '(unknown)'}: adapters only fit the quantised base they were trained on")
+    check_scaling(model, name, meta, path)
     expected = get_peft_model_state_dict(model, adapter_name=name)
     if set(expected) != set(tensors):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

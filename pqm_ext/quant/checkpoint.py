@@ -63,7 +63,7 @@ def tensors_fingerprint(tensors: Dict[str, torch.Tensor]) -> str:
 def base_state(model: torch.nn.Module, cfg: QuantConfig) -> Dict[str, torch.Tensor]:
     """State dict without LoRA, unquantised floats cast to the storage dtype (lossless: they were rounded)."""
     storage = getattr(torch, cfg.storage_dtype)
-    unq = {k for k in unquantized_float_tensors(model)}
+    unq = {k.replace(".base_layer.", ".") for k in unquantized_float_tensors(model)}  # named as below
     out = {}
     for k, v in model.state_dict().items():
         if "lora_" in k:
