@@ -251,7 +251,9 @@ def render_markdown(r: Dict) -> str:
         lines.append(f"Largest adapter = {100 * r['adapter_params'] / r['base_params']:.2f}% of the base parameters.")
     if "fp32" in sizes and r.get("quant") in sizes:
         lines.append(f"Model size: fp32 {sizes['fp32'] / mb:.1f} MB -> {r['quant']} {sizes[r['quant']] / mb:.1f} MB "
-                     f"({sizes['fp32'] / sizes[r['quant']]:.2f}x smaller).")
+                     f"({sizes['fp32'] / sizes[r['quant']]:.2f}x smaller; parameters: buffers such as Whisper's sinusoidal "
+                     "positions or BatchNorm statistics are not counted on either side, the checkpoint file holds "
+                     "them too).")
     if r.get("paired_comparisons"):
         lines += ["", "## Paired comparisons", "",
                   "Same test utterances, resampled together (1000 draws). Difference = system - baseline; "

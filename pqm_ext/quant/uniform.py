@@ -1,7 +1,11 @@
 """Uniform symmetric round-to-nearest k-bit block-wise quantisation: the paper's int4 baseline.
 
 Each block of ``blocksize`` weights is scaled by its absmax to the integer grid
-``[-(2^(k-1)-1), 2^(k-1)-1]`` and rounded; NF4 differs only in its (normal-quantile) grid.
+``[-(2^(k-1)-1), 2^(k-1)-1]`` and rounded: the textbook symmetric absmax grid, which leaves one of the
+2^k codes unused (15 levels for k = 4). NF4 differs in its grid: 16 normal-quantile levels, 0 exact. On
+Gaussian weights (1024 x 1024, blocksize 64) the relative squared error is 0.0116 here, 0.0101 with 16
+evenly spaced mid-rise levels and 0.0085 with NF4: about half of NF4's gain over this baseline is the 16th
+level. It is the baseline the paper names, not the best uniform 4-bit one.
 bitsandbytes has no such format, so this small reference is ours. Codes are stored two per byte
 for k <= 4, one per byte otherwise; scales are float32, one per block (as NF4's absmax).
 """
