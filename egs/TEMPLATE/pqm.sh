@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The PQM stages shared by every recipe (ESPnet's asr.sh in spirit): a recipe's run.sh sets the
-# corpus options and calls this script with "$@". Every stage calls a `python -m pqm_ext.bin.<step>`
-# entry point; a unit of work made from the same inputs is skipped and one made from other inputs is made
+# corpus options and calls this script with "$@". Every stage calls a Python entry point (`python -m
+# pqm_ext.bin.<step>`; ESPnet's for Whisper's token list) or, for stage 1, the recipe's local/data.sh; a unit of work made from the same inputs is skipped and one made from other inputs is made
 # again, so a re-run continues (stage 1 refuses data prepared with other options; stage 3 keeps an existing
 # token list; stage 4 keeps a base made from the same inputs and refuses to replace one made from others).
 #   1 data prep (offline demo corpus when no corpus path is set)   5 quantisation + size report

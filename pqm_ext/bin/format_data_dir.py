@@ -1,5 +1,6 @@
 """Stage 2: write DST as a data dir of 16 kHz mono 16-bit WAV (or FLAC) files (DST/data/<utt>.wav) cut and
-resampled from SRC, with text, utt2spk, spk2utt and utt2num_samples; skipped when DST is complete.
+resampled from SRC, with text, utt2spk, spk2utt and utt2num_samples; skipped when DST is complete and was made from the same
+source and options, otherwise narrowed (hard links) or made again.
 
 Usage:
     python -m pqm_ext.bin.format_data_dir data/sa_test dump/raw/sa_test --nj 4

@@ -3,7 +3,7 @@ deterministic for a seed; skipped when OUT already holds it.
 
 Usage:
     python -m pqm_ext.bin.synth_demo_corpus --layout librispeech --out downloads/demo --seed 0 --nj 2
-    python -m pqm_ext.bin.synth_demo_corpus --layout tedlium3 --out downloads/demo --num_target_speakers 4
+    python -m pqm_ext.bin.synth_demo_corpus --layout tedlium3 --out downloads/demo_ted --num_target_speakers 4
 """
 from __future__ import annotations
 

@@ -143,7 +143,7 @@ def load_quantized(model: torch.nn.Module, path) -> Tuple[QuantConfig, str]:
         if unrecorded and _tensors_fit(path, model):
             hint = ("; its tensors fit, so only weightless modules differ: a checkpoint written before 0d7be49 (no "
                     "architecture_excludes in its metadata) also hashed SpecAugment and loads only with the same "
-                    "SpecAugment; to adapt without it (--specaug none), remove its directory and quantise again "
+                    "SpecAugment, and stage 7 now adapts without it: remove its directory and quantise again "
                     "(stage 5)")
         raise InputError(path, f"checkpoint is for another architecture (fingerprint {meta['architecture']}, "
                                f"this model {arch}): check the model config{hint}")
