@@ -306,6 +306,22 @@ def test_pattern_matching_nothing_is_an_error(include, exclude, layers, conforme
         quantize_model(copy.deepcopy(conformer_fp), cfg)
 
 
+def test_an_unquantised_tensor_that_float16_cannot_hold_is_refused_not_made_inf(conformer_fp):
+    """Unquantised tensors are stored in float16; a value above 65504 would become inf without a word."""
+    def with_a_large_statistic():
+        model = copy.deepcopy(conformer_fp)
+        bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d))
+        bn.running_var[0] = 1e6  # a statistic of linear power, say
+        return model, bn
+
+    model, _ = with_a_large_statistic()
+    with pytest.raises(ValueError, match="running_var.*does not fit storage_dtype float16"):
+        quantize_model(model, QuantConfig())
+    model, bn = with_a_large_statistic()
+    quantize_model(model, QuantConfig(storage_dtype="float32"))
+    assert bn.running_var[0] == 1e6
+
+
 # --------------------------------------------------------------------------- size report
 def expected_layer_bytes(n: int, method: str) -> int:
     blocks = -(-n // 64)

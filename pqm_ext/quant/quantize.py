@@ -125,8 +125,13 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, *, materialize: boo
         _replace(model, name, BUILDERS[layer_kind(m)](m, cfg, materialize))
     storage = getattr(torch, cfg.storage_dtype)
     with torch.no_grad():
-        for t in unquantized_float_tensors(model).values():
-            t.data = t.data.to(storage).to(t.dtype)
+        for name, t in unquantized_float_tensors(model).items():
+            rounded = t.data.to(storage)
+            if not torch.isfinite(rounded).all() and torch.isfinite(t.data).all():
+                raise ValueError(f"{name}: a value of this unquantised tensor (largest magnitude "
+                                 f"{t.data.abs().max().item():.3g}) does not fit storage_dtype {cfg.storage_dtype}: "
+                                 "give storage_dtype float32 (or bfloat16) in the quantisation config")
+            t.data = rounded.to(t.dtype)
     for p in model.parameters():
         if not p.is_floating_point():
             p.requires_grad_(False)
