@@ -342,8 +342,10 @@ def test_pseudo_labels_are_trained_in_the_references_normal_form(tmp_path):
     from pqm_ext.asr.adapt import read_labels
 
     labels = tmp_path / "pseudo.txt"
-    labels.write_text("u0  Hello, world\u2014it\u2019s me.\nu1 ...\nu2\nu3 I have 3 cats.\n", encoding="utf-8")
-    assert read_labels(labels) == {"u0": "HELLO WORLD IT'S ME", "u1": "", "u2": "", "u3": ""}  # not "I HAVE CATS"
+    labels.write_text("u0  Hello, world\u2014it\u2019s me.\nu1 ...\nu2\nu3 I have 3 cats.\n"
+                      "u4 (Laughter) So that was it. [Music] \u266a\nu5 In the year (1998).\n", encoding="utf-8")
+    assert read_labels(labels) == {"u0": "HELLO WORLD IT'S ME", "u1": "", "u2": "", "u3": "",  # not "I HAVE CATS"
+                                   "u4": "SO THAT WAS IT", "u5": ""}  # annotations go; digits in brackets count
 
 
 def test_a_bad_lora_conf_names_the_yaml_that_sets_it(tmp_path):

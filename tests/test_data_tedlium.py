@@ -85,6 +85,22 @@ def test_same_seed_same_dirs(tmp_path, tedlium_tree):
     assert tree_digest(a) == tree_digest(b) != tree_digest(c)
 
 
+def test_data_prepared_by_an_older_reader_is_prepared_again(tmp_path, tedlium_tree):
+    """A fix to the reader changes what it writes from the same corpus and options: a data dir it made before
+    (no reader version recorded: version 1) must not be kept as if it were complete."""
+    proc, data = prepare(tmp_path, tedlium_tree)
+    assert proc.returncode == 0, proc.stderr
+    marker = data / "sa_splits/prepare.yaml"
+    record = yaml.safe_load(marker.read_text())
+    assert record["reader"] >= 2
+    assert "complete for these options: skipping" in prepare(tmp_path, tedlium_tree)[0].stderr
+    del record["reader"]
+    marker.write_text(yaml.safe_dump(record, sort_keys=False))
+    proc = prepare(tmp_path, tedlium_tree)[0]
+    assert proc.returncode == 0 and "prepared by version 1 of the corpus reader" in proc.stderr, proc.stderr
+    assert yaml.safe_load(marker.read_text())["reader"] >= 2
+
+
 def test_sa_talks_from_legacy_test(tmp_path, tedlium_tree):
     test_talk = sorted(stm_segments(tedlium_tree, "test"))[0]
     proc, data = prepare(tmp_path, tedlium_tree, "--sa_subsets", "train test", "--target_speakers", test_talk,
@@ -188,7 +204,10 @@ def test_the_real_releases_stm_conventions(tmp_path, tedlium_tree):
     stm.write_text(stm.read_text() + f"{same_person} 1 inter_segment_gap 900.00 900.00 <NA> ignore_time_segment_in_scoring\n")
     _rewrite(legacy / "train/stm" / f"{pool[1]}.stm", lambda i, r: r + [f"({pool[1]}-{i})"] if i == 2 else r)
     _rewrite(legacy / "train/stm" / f"{target}.stm", lambda i, r: r[:7] + ["<unk>", "'s"] + r[7:] if i == 1 else r)
-    _rewrite(legacy / "train/stm" / f"{pool[1]}.stm", lambda i, r: r[:7] + ["co", "2"] + r[7:] if i == 1 else r)
+    # The digit segment ends 0.1 s before the next one starts, so padding that one must stop halfway.
+    next_start = stm_segments(tedlium_tree, "train")[pool[1]][1][0]
+    _rewrite(legacy / "train/stm" / f"{pool[1]}.stm",
+             lambda i, r: r[:4] + [f"{next_start - 0.1:.2f}"] + r[5:7] + ["co", "2"] + r[7:] if i == 1 else r)
     for dev_stm in (legacy / "dev/stm").glob("*.stm"):
         mark = "<F0_M>" if gender[dev_stm.stem] == "m" else "<F0_F>"
         _rewrite(dev_stm, lambda i, r: r[:5] + [mark] + r[6:])
@@ -202,7 +221,11 @@ def test_the_real_releases_stm_conventions(tmp_path, tedlium_tree):
     # The utterance key is not a word, and the segment stays.
     keyed = sorted(u for u, spk in dirs["pretrain"].utt2spk.items() if spk == pool[1])
     assert len(keyed) == len(stm_segments(tedlium_tree, "train")[pool[1]]) - 1  # less the one with a digit
-    assert not any(pool[1].upper().replace("_", " ") in dirs["pretrain"].text[u] for u in keyed)
+    # Padding stops halfway to the segment left out for its digit (pool[1]'s first scored one): its speech is
+    # in no reference. Without it, the next segment would get the full 0.15 s.
+    (_, d_end, _), (start, end, _) = stm_segments(corpus, "train")[pool[1]][:2]
+    padded = read_data_dir(tmp_path / "data/pretrain").segments[f"{pool[1]}-{round(start * 100):07d}-{round(end * 100):07d}"]
+    assert padded.start == pytest.approx(round((d_end + start) / 2, 3))
     # The <unk> segment is no SA candidate; the ignore line and the digit segment are nowhere.
     unk_utt = [u for u, spk in dirs["sa_adapt"].utt2spk.items() if spk == target]
     first = stm_segments(tedlium_tree, "train")[target][0]
@@ -241,6 +264,12 @@ def test_a_segment_left_out_is_a_neighbour_that_padding_stops_at():
                    segments=dict(seg))
     pad_segments(data, 0.15, 0.1, dropped={"t": [(12.0, 14.0)], "other": [(0.0, 1.0)]})
     assert data.segments == {"a": Segment("t", 9.85, 12.0), "c": Segment("t", 14.0, 16.1)}
+    # Nested or overlapping spans: no side is padded into another span, however far back it started.
+    nested = {"a": Segment("t", 5.0, 6.0), "b": Segment("t", 21.05, 25.0)}
+    data = DataDir(wav_scp={"t": "t.sph"}, text={u: "X" for u in nested}, utt2spk={u: "t" for u in nested},
+                   segments=dict(nested))
+    pad_segments(data, 0.15, 0.1, dropped={"t": [(0.0, 21.0), (5.5, 5.8)]})
+    assert data.segments == {"a": Segment("t", 5.0, 6.0), "b": Segment("t", 21.025, 25.1)}
     pad_segments(alone := DataDir(wav_scp={"t": "t.sph"}, text={u: "X" for u in seg},
                                   utt2spk={u: "t" for u in seg}, segments=dict(seg)), 0.15, 0.1)
     assert alone.segments == {"a": Segment("t", 9.85, 12.1), "c": Segment("t", 13.85, 16.1)}

@@ -30,6 +30,7 @@ def test_normalise_text(raw, expected):
     ("<unk> 's not", "NOT"),
     ("it was 'cause of you get 'em", "IT WAS 'CAUSE OF YOU GET 'EM"),  # only clitics are joined
     ("<unk>-based design {NOISE}-ish", "BASED DESIGN ISH"),  # a marker glued to a word: the word stays
+    ("<unk>'cause <unk> 'cause", "'CAUSE 'CAUSE"),  # ... also a word that starts with an apostrophe
 ])
 def test_normalise_tedlium(raw, expected):
     assert normalise_tedlium(raw) == expected

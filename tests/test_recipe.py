@@ -79,6 +79,8 @@ def recipe(tmp_path_factory) -> Path:
 def test_stages_1_to_8_write_the_results_table(recipe):
     results = json.loads((recipe / "exp/whisper/results.json").read_text())
     assert results["model"] == "whisper" and results["corpus"] == "librispeech_sa"
+    assert results["score_cleaner"] == "whisper_en"  # pqm.sh's default for Whisper, and the table says so
+    assert json.loads((recipe / "exp/whisper/decode/pqm_n4/score.json").read_text())["score_cleaner"] == "whisper_en"
     assert sorted(results["systems"]) == sorted(SYSTEMS)
     assert sorted(results["systems"]["pqm"]) == ["2", "4"] and sorted(results["systems"]["lora_scratch"]) == ["2", "4"]
     for name, entry in results["systems"].items():
@@ -87,7 +89,7 @@ def test_stages_1_to_8_write_the_results_table(recipe):
     assert results["bytes"]["fp32"] / results["bytes"]["nf4"] > 6.9
     assert 0 < results["adapter_params"] < 0.01 * results["base_params"]
     table = (recipe / "exp/whisper/RESULTS.md").read_text()
-    assert "| pqm | 4 |" in table and "| fp | - |" in table
+    assert "| pqm | 4 |" in table and "| fp | - |" in table and "Normalisation: Whisper's English normaliser" in table
     pairs = {(c["system"], c["baseline"]): c for c in results["paired_comparisons"]}
     assert sorted(pairs) == [("nf4", "fp"), ("pqm@2", "lora_scratch@2"), ("pqm@4", "lora_scratch@4")]
     assert "## Paired comparisons" in table and "| pqm@4 | lora_scratch@4 |" in table

@@ -152,9 +152,12 @@ split_speakers() {
 }
 
 if run 8 && [ -f $datadir/sa_test/spk2utt ]; then check_nj "$nj"; fi  # cheap, before ESPnet is imported below
-if run 8 || { run 7 && [[ " $inits " == *" semi "* ]]; }; then  # here, not in every decoding job
+if run 8 || { run 7 && [[ " $inits " == *" semi "* ]]; }; then  # here, not in every decoding job; and
+  # stage 8's scoring cleaner (Whisper's normalisers come with openai-whisper) before, not after, decoding
   problem=$(python -c 'import os, sys; from pqm_ext.asr.recognizer import decode_config_problem
-os.write(3, (decode_config_problem(sys.argv[1]) or "").encode())' "$decode_config" 3>&1 >/dev/null)  # fd 3: ESPnet prints on stdout
+from pqm_ext.asr.score import cleaner_problem
+os.write(3, (decode_config_problem(sys.argv[1]) or cleaner_problem(sys.argv[2]) or "").encode())' \
+    "$decode_config" "$(run 8 && echo "$score_cleaner" || echo none)" 3>&1 >/dev/null)  # fd 3: ESPnet prints on stdout
   [ -z "$problem" ] || { log "$problem"; exit 1; }
 fi
 

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from pqm_ext.asr.layout import ExpLayout
 from pqm_ext.asr.train import ADAPTER, train_adapter
 from pqm_ext.data.kaldi_dir import DataDir
-from pqm_ext.data.text import drop_annotations, has_digits, normalise_text
+from pqm_ext.data.text import drop_annotations, normalise_text
 from pqm_ext.utils.errors import InputError
 from pqm_ext.utils.fileio import atomic_dir, unit_of_work
 
@@ -59,11 +59,13 @@ def read_labels(path: Path) -> Dict[str, str]:
     for line in path.read_text(encoding="utf-8").splitlines():
         parts = line.strip().split(maxsplit=1)
         if parts:
-            text = drop_annotations(parts[1]) if len(parts) > 1 else ""
-            if has_digits(text):  # "3 cats": the normal form cannot spell 3, and "CATS" teaches a deletion
+            text = parts[1] if len(parts) > 1 else ""
+            # "3 cats": the normal form cannot spell 3, and "CATS" teaches a deletion (not has_digits, whose
+            # "(2)" is an stm pronunciation variant: in a teacher's text "(1998)" is a year)
+            if any(c.isdigit() for c in text):
                 numbers.append(parts[0])
                 text = ""
-            labels[parts[0]] = normalise_text(text)
+            labels[parts[0]] = normalise_text(drop_annotations(text))
     if numbers:
         logger.warning("%s: %d pseudo-label(s) hold digits, which the references' form cannot spell (as the corpus "
                        "readers leave out such transcripts): taken as empty (%s)", path, len(numbers),

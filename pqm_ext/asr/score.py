@@ -12,8 +12,12 @@ LoRA system, which learns it from its targets) but not to an unadapted Whisper, 
 ``2008``, ``OK``, ``color`` and ``(Laughter)``: they would count as errors of orthography, and adaptation
 would get the credit for learning the corpus's spelling. ``cleaner="whisper_en"`` therefore scores with
 Whisper's own English normaliser instead, through ESPnet's ``TextCleaner`` (what ESPnet's Whisper recipes
-give asr.sh as ``--cleaner``/``--hyp_cleaner``), on references and hypotheses alike: numbers, titles,
-contractions and British spellings are put in one form, bracketed annotations and fillers removed.
+give asr.sh as ``--cleaner``/``--hyp_cleaner``), on references and hypotheses alike (accents folded first):
+numbers, titles, contractions and British spellings are put in one form, bracketed annotations and fillers
+removed. It is Whisper's convention, not a perfect one: ``OK``/``OKAY`` still differ, ``OH`` becomes
+``0`` on both sides (so "oh no" for "zero no" is no error), and a spelled-out number becomes one token, so
+the reference word counts differ from the plain normalisation's: tables scored with different cleaners
+are not comparable (results.json and score.json record which).
 
 WER is pooled over words: total errors (substitutions + deletions + insertions) / reference words.
 The 95% interval resamples utterances with replacement (1000 draws, fixed seed), as suggested for
@@ -59,7 +63,21 @@ def normalizer(cleaner: str = "none") -> Callable[[str], str]:
     whisper = TextCleaner([cleaner])
     if whisper.whisper_cleaner is None:  # ESPnet leaves it out, silently, without openai-whisper
         raise RuntimeError(f"scoring cleaner {cleaner!r} needs openai-whisper's normalisers (tools/install.sh)")
-    return lambda text: " ".join(whisper(text).split())
+    return lambda text: " ".join(whisper(fold_accents(text)).split())
+
+
+def cleaner_problem(cleaner: str) -> str:
+    """Why ``cleaner`` cannot score here ("" when it can): checked before decoding, not after it."""
+    try:
+        normalizer(cleaner)
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    return ""
+
+
+def default_cleaner(model: str) -> str:
+    """Whisper is scored with Whisper's normaliser (ESPnet's Whisper recipes do), other models plainly."""
+    return "whisper_en" if model == "whisper" else "none"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 from pqm_ext.asr.config import read_yaml
 from pqm_ext.asr.layout import add_tag_argument, layout_of
 from pqm_ext.asr.results import collect, plot_wer_vs_n, render_markdown
-from pqm_ext.asr.score import CLEANERS
+from pqm_ext.asr.score import CLEANERS, default_cleaner
 from pqm_ext.data.kaldi_dir import read_data_dir
 from pqm_ext.utils.fileio import atomic_file, write_text_atomic
 from pqm_ext.utils.cli import entry_point
@@ -32,20 +32,22 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--nutts", nargs="*", type=int, default=[])
     p.add_argument("--inits", nargs="*", default=["scratch", "pretrained"])
     p.add_argument("--decode_config", required=True)
-    p.add_argument("--score_cleaner", choices=CLEANERS, default="none",
+    p.add_argument("--score_cleaner", choices=CLEANERS, default=None,
                    help="text normalisation before scoring, of references and hypotheses alike: none (the "
                         "toolkit's: lower case, punctuation removed) or ESPnet's whisper_en / whisper_basic "
-                        "cleaners (Whisper's normalisers; fair to an unadapted Whisper's orthography)")
+                        "cleaners (Whisper's normalisers; fair to an unadapted Whisper's orthography). "
+                        "Default: whisper_en for --model whisper, none otherwise (as pqm.sh)")
     return p
 
 
 @entry_point
 def main(argv=None) -> None:
     a = get_parser().parse_args(argv)
+    cleaner = a.score_cleaner or default_cleaner(a.model)
     layout = layout_of(a)
     systems = layout.systems(a.nutts, a.inits, a.baselines)
     results = collect(layout, systems, read_data_dir(a.data), a.model, a.corpus, read_yaml(a.decode_config),
-                      a.score_cleaner)
+                      cleaner)
     write_text_atomic(layout.work / "results.json", json.dumps(results, indent=1))
     write_text_atomic(layout.work / "RESULTS.md", render_markdown(results))
     with atomic_file(layout.work / "wer_vs_n.png", "wb") as f:

@@ -62,7 +62,10 @@ def quantize_dir(model_dir, quant_config, out) -> Path:
     args = argparse.Namespace(**read_yaml(model_dir / "config.yaml"))
     args.quant_conf, args.lora_conf, args.base_model_file = {"method": "none"}, None, None
     model = PQMASRTask.build_model(args)
-    load_base(model, model_dir / MODEL_FILE, cfg)
+    try:
+        load_base(model, model_dir / MODEL_FILE, cfg)
+    except ValueError as e:  # what this config cannot do to this model (a value float16 cannot hold, ...)
+        raise InputError(quant_config, f"{e} (quantising {model_dir / MODEL_FILE})") from e
     report = size_report(model, storage_dtype=cfg.storage_dtype)
     with atomic_dir(out, overwrite=True) as tmp:
         shutil.copy(model_dir / "config.yaml", tmp / "config.yaml")

@@ -123,9 +123,11 @@ def corpus_stamp(root: Path, parts: Sequence[str]) -> str:
 
 
 def check_prepared(data_dir: Path, corpus: str, opts: SplitOptions, extra: dict, overwrite: bool,
-                   stamp: str = "") -> bool:
+                   stamp: str = "", reader: int = 1) -> bool:
     """True when ``data_dir`` already holds a complete preparation made with the same options from the
-    same corpus directory (``stamp``); other options are an error unless ``overwrite``."""
+    same corpus directory (``stamp``) by the same version of the corpus reader (``reader``: raised when a
+    fix changes what the reader writes, so existing data dirs are prepared again); other options are an
+    error unless ``overwrite``."""
     marker = data_dir / SPLITS_DIR / MARKER
     if not marker.is_file():
         return False
@@ -135,6 +137,10 @@ def check_prepared(data_dir: Path, corpus: str, opts: SplitOptions, extra: dict,
     wanted = _options_record(corpus, opts, extra)
     if previous == wanted:
         missing = [name for name in OUTPUT_DIRS if not (data_dir / name / "text").is_file()]
+        if record.get("reader", 1) != reader:
+            logging.info("%s was prepared by version %s of the corpus reader, this is version %d (fixes since: "
+                         "git log pqm_ext/data): preparing again", data_dir, record.get("reader", 1), reader)
+            return False
         if record.get("corpus_stamp") == stamp and not missing:
             return True
         if missing:
@@ -154,7 +160,7 @@ def check_prepared(data_dir: Path, corpus: str, opts: SplitOptions, extra: dict,
 
 def write_prepared(data_dir: Path, dirs: Dict[str, DataDir], splits: Dict[str, Tuple[List[str], List[str]]],
                    corpus: str, opts: SplitOptions, extra: dict, check_audio: str = "header",
-                   stamp: str = "") -> None:
+                   stamp: str = "", reader: int = 1) -> None:
     """Write and validate everything in a temporary dir, then rename it into ``data_dir``."""
     for name in OUTPUT_DIRS:
         if not dirs[name].utt2spk:
@@ -176,6 +182,7 @@ def write_prepared(data_dir: Path, dirs: Dict[str, DataDir], splits: Dict[str, T
         summary = {
             "options": _options_record(corpus, opts, extra),
             "corpus_stamp": stamp,
+            "reader": reader,
             "targets": {spk: {"adapt": len(a), "test": len(t)} for spk, (a, t) in sorted(splits.items())},
             "counts": {name: {"utterances": len(d.utt2spk), "speakers": len(d.speakers)}
                        for name, d in dirs.items()},

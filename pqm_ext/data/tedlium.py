@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import re
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,8 +197,9 @@ def scan_subset(root: Path, subset: str, seen: Dict[str, Tuple[Path, int]], note
 def pad_segments(data: DataDir, before: float, after: float,
                  dropped: Optional[Dict[str, List[Tuple[float, float]]]] = None) -> None:
     """Widen every segment by ``before``/``after`` seconds, at most to the midpoint of the gap to its
-    neighbour in the same recording (segments that already overlap are left as they are) and not below 0.
-    ``dropped``: per recording, the spans of segments left out of ``data``, which are neighbours too."""
+    neighbour in the same recording and not below 0; a side that already overlaps another segment (or lies
+    inside one) is left as it is. ``dropped``: per recording, the spans of segments left out of ``data``,
+    which are neighbours too: their speech is in no reference."""
     if not (before or after):
         return
     by_rec: Dict[str, list] = {}
@@ -208,18 +210,22 @@ def pad_segments(data: DataDir, before: float, after: float,
             by_rec[rec] += [(start, end, "") for start, end in spans]
     for rec, segs in by_rec.items():
         segs.sort()
+        starts = [s for s, _, _ in segs]
+        latest_end = float("-inf")  # of the spans before k in start order
         for k, (start, end, utt) in enumerate(segs):
+            earlier_end, latest_end = latest_end, max(latest_end, end)
             if not utt:
                 continue
             lo, hi = max(0.0, start - before), end + after
-            if k > 0 and segs[k - 1][1] <= start:
-                lo = max(lo, (segs[k - 1][1] + start) / 2)
-            elif k > 0:
+            if earlier_end > start:  # an earlier span reaches into this one
                 lo = start
-            if k + 1 < len(segs) and end <= segs[k + 1][0]:
-                hi = min(hi, (end + segs[k + 1][0]) / 2)
-            elif k + 1 < len(segs):
+            elif k > 0:
+                lo = max(lo, (earlier_end + start) / 2)
+            j = bisect_left(starts, end, lo=k + 1)  # spans k+1 .. j-1 start inside this one
+            if earlier_end > end or any(e > end for _, e, _ in segs[k + 1:j]):
                 hi = end
+            elif j < len(segs):
+                hi = min(hi, (end + segs[j][0]) / 2)
             data.segments[utt] = Segment(rec, round(lo, 3), round(hi, 3))
 
 
@@ -237,6 +243,8 @@ def _merge(parts: Sequence[DataDir]) -> DataDir:
     return out
 
 
+# 2: talks held out by the name in their id too, padding stops at segments left out, only clitics joined
+READER_VERSION = 2
 KALDI_PADDING = (0.15, 0.1)  # egs/tedlium/s5_r3/local/prepare_data.sh: extend_segment_times.py
 
 
@@ -256,7 +264,7 @@ def prepare_tedlium3_sa(corpus: Path, data_dir: Path, opts: SplitOptions, check_
     root = find_root(corpus)
     stamp = corpus_stamp(root, [f"legacy/{s}/{kind}" for s in SUBSETS if s in ("train", "dev") or s in sa_subsets
                                 for kind in ("stm", "sph")])
-    if check_prepared(data_dir, str(corpus), opts, extra, overwrite, stamp):
+    if check_prepared(data_dir, str(corpus), opts, extra, overwrite, stamp, READER_VERSION):
         logging.info("%s is complete for these options: skipping", data_dir)
         return data_dir / "sa_splits"
     seen: Dict[str, Tuple[Path, int]] = {}
@@ -279,5 +287,6 @@ def prepare_tedlium3_sa(corpus: Path, data_dir: Path, opts: SplitOptions, check_
                      " ".join(sorted(held_out - set(targets))))
     pretrain = train.subset(u for u, spk in train.utt2spk.items() if spk not in held_out)
     dirs = {"pretrain": pretrain, "dev": subsets["dev"], "sa_adapt": adapt, "sa_test": test}
-    write_prepared(data_dir, dirs, splits, str(corpus), opts, extra, check_audio=check_audio, stamp=stamp)
+    write_prepared(data_dir, dirs, splits, str(corpus), opts, extra, check_audio=check_audio, stamp=stamp,
+                   reader=READER_VERSION)
     return data_dir / "sa_splits"

@@ -78,7 +78,14 @@ def adapter_config_of(adapter_dir) -> AdapterConfig:
 def check_scaling(model: torch.nn.Module, name: str, meta: Dict[str, str], path: Path) -> None:
     """Refuse an adapter whose rank or alpha differs from the injected one's: its weights would load (the
     shapes fit when only alpha differs) but be scaled by the model's alpha / rank, not by its own."""
-    saved = json.loads(meta.get("pqm_adapter_config", "{}"))
+    try:
+        saved = json.loads(meta.get("pqm_adapter_config", "{}"))
+        if not saved and (path.parent / CONFIG).is_file():  # written by peft itself: its own config
+            peft_saved = json.loads((path.parent / CONFIG).read_text())
+            saved = {"rank": peft_saved.get("r"), "alpha": peft_saved.get("lora_alpha")}
+            saved = {k: v for k, v in saved.items() if v is not None}
+    except (ValueError, OSError) as e:
+        raise InputError(path, f"unreadable adapter config: {e}") from e
     injected = model.peft_config[name]
     for key, peft_key in (("rank", "r"), ("alpha", "lora_alpha")):
         if key in saved and float(saved[key]) != float(getattr(injected, peft_key)):

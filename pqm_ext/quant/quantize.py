@@ -127,7 +127,7 @@ def quantize_model(model: torch.nn.Module, cfg: QuantConfig, *, materialize: boo
     with torch.no_grad():
         for name, t in unquantized_float_tensors(model).items():
             rounded = t.data.to(storage)
-            if not torch.isfinite(rounded).all() and torch.isfinite(t.data).all():
+            if (torch.isfinite(t.data) & ~torch.isfinite(rounded)).any():
                 raise ValueError(f"{name}: a value of this unquantised tensor (largest magnitude "
                                  f"{t.data.abs().max().item():.3g}) does not fit storage_dtype {cfg.storage_dtype}: "
                                  "give storage_dtype float32 (or bfloat16) in the quantisation config")
