@@ -335,6 +335,17 @@ def test_save_load_round_trip_and_refusals(nf4_dir, load_base, other_nf4_file, r
     with pytest.raises(InputError, match="not found"):
         load_adapter(fresh, tmp_path / "nobody")
 
+    # An adapter written by peft alone (no toolkit metadata) is checked against its own adapter_config.json.
+    from safetensors.torch import load_file as load_tensors
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "adapter_config.json").write_text((out / "adapter_config.json").read_text())
+    save_file(load_tensors(str(out / "adapter_model.safetensors")), str(bare / "adapter_model.safetensors"))
+    m = load_base(base_file)
+    add_adapter(m, AdapterConfig(rank=4, alpha=16.0, target_modules=ADAPTER.target_modules))
+    with pytest.raises(InputError, match="alpha 8.0 .* alpha 16.0"):
+        load_adapter(m, bare, check_base=False)
+
 
 def test_the_base_of_a_model_with_adapters_is_still_the_base_they_were_trained_on(nf4_dir, load_base):
     """The base's fingerprint, taken again from a model that carries adapters, is the one they recorded:
