@@ -28,9 +28,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# ESPnet imports g2p_en, which on import asks nltk to download two corpora it cannot find: every process
+# then goes to the network (a compute node without it waits, and every log gets 8 lines of errors). Nothing
+# here uses them: empty archives where nltk looks first for a venv (<sys.prefix>/nltk_data) satisfy it.
+nltk_stub() {
+  [ -f "$venv/nltk_data/$1" ] && return
+  mkdir -p "$(dirname "$venv/nltk_data/$1")"
+  printf 'PK\005\006%018d' 0 | tr 0 '\000' > "$venv/nltk_data/$1"  # an empty zip: its end record alone
+}
+
 stamp=$venv/.installed
 want=$(cat requirements.txt constraints.txt ../setup.py | sha1sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  nltk_stub taggers/averaged_perceptron_tagger_eng.zip; nltk_stub corpora/cmudict.zip
   log "tools/venv is up to date"
   exit 0
 fi
@@ -44,5 +54,6 @@ log "installing the Python stack (torch, ESPnet, bitsandbytes, peft, ...)"
 # constraints.txt also reaches the isolated build environments of sdists (openai-whisper needs setuptools<81).
 PIP_CONSTRAINT=$tools_dir/constraints.txt $pip install -r requirements.txt
 $pip install --no-build-isolation --no-deps -e ..
+nltk_stub taggers/averaged_perceptron_tagger_eng.zip; nltk_stub corpora/cmudict.zip
 echo "$want" > "$stamp"
 log "done: . egs/TEMPLATE/path.sh (or a recipe's path.sh) puts tools/venv first on PATH"
