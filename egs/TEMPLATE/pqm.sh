@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The PQM stages shared by every recipe (ESPnet's asr.sh in spirit): a recipe's run.sh sets the
 # corpus options and calls this script with "$@". Every stage calls a Python entry point (`python -m
-# pqm_ext.bin.<step>`; ESPnet's for Whisper's token list) or, for stage 1, the recipe's local/data.sh; a unit of work made from the same inputs is skipped and one made from other inputs is made
-# again, so a re-run continues (stage 1 refuses data prepared with other options; stage 3 keeps an existing
-# token list; stage 4 keeps a base made from the same inputs and refuses to replace one made from others).
+# pqm_ext.bin.<step>`; ESPnet's for Whisper's token list) or, for stage 1, the recipe's local/data.sh; a unit
+# of work made from the same inputs is skipped and one made from other inputs is made again, so a re-run
+# continues (stage 1 refuses data prepared with other options; stage 3 keeps an existing token list; stage 4
+# keeps a base made from the same inputs and refuses to replace one made from others).
 #   1 data prep (offline demo corpus when no corpus path is set)   5 quantisation + size report
 #   2 format + validate data dirs                                  6 LoRA pretraining (multi-speaker pool)
 #   3 token list                                                   7 speaker adaptive training (per speaker)
@@ -59,8 +60,8 @@ valid_fraction=0           # >0: hold out this fraction of a speaker's N utteran
 decode_config=             # default: conf/<model>/decode.yaml
 score_cleaner=             # text normalisation before scoring, of references and hypotheses alike: none (lower
                            # case, punctuation removed) | whisper_en | whisper_basic (ESPnet's cleaners: Whisper's
-                           # normalisers). Default: whisper_en for whisper (an unadapted Whisper writes "Mrs.",
-                           # "2008", "color"), none for conformer (it writes the corpus's normal form)
+                           # normalisers). Default (pqm_ext.asr.score.default_cleaner): whisper_en for whisper
+                           # (an unadapted Whisper writes "Mrs.", "2008", "color"), none for conformer
 mixed_batch=0              # >0: greedy decoding in batches of this many utterances from different speakers,
                            # each with its own adapter (one job decodes all its speakers together)
 fold_adapters=true         # one speaker at a time: fold the adapter into the weights (W + B A s) while that
@@ -107,9 +108,6 @@ fi
 model_config=${model_config:-conf/$model/model.yaml}
 base_train_config=${base_train_config:-conf/$model/train.yaml}
 decode_config=${decode_config:-conf/$model/decode.yaml}
-[ -n "$score_cleaner" ] || { [ $model = whisper ] && score_cleaner=whisper_en || score_cleaner=none; }
-case $score_cleaner in none|whisper_en|whisper_basic) ;;
-  *) log "--score_cleaner must be none, whisper_en or whisper_basic, not '$score_cleaner'"; exit 1 ;; esac
 [ "$pseudo_labels" = true ] && [[ " $inits " != *" semi "* ]] && inits="$inits semi"
 # The demo Conformer is trained from scratch on the demo pool; 1 h of it (enough for Whisper, which only
 # pretrains LoRA on it) leaves the decoder spelling words it heard once. Unless told otherwise it gets a 3 h
@@ -155,9 +153,10 @@ if run 8 && [ -f $datadir/sa_test/spk2utt ]; then check_nj "$nj"; fi  # cheap, b
 if run 8 || { run 7 && [[ " $inits " == *" semi "* ]]; }; then  # here, not in every decoding job; and
   # stage 8's scoring cleaner (Whisper's normalisers come with openai-whisper) before, not after, decoding
   problem=$(python -c 'import os, sys; from pqm_ext.asr.recognizer import decode_config_problem
-from pqm_ext.asr.score import cleaner_problem
-os.write(3, (decode_config_problem(sys.argv[1]) or cleaner_problem(sys.argv[2]) or "").encode())' \
-    "$decode_config" "$(run 8 && echo "$score_cleaner" || echo none)" 3>&1 >/dev/null)  # fd 3: ESPnet prints on stdout
+from pqm_ext.asr.score import cleaner_problem, default_cleaner
+os.write(3, (decode_config_problem(sys.argv[1]) or cleaner_problem(sys.argv[2] or default_cleaner(sys.argv[3]))
+             or "").encode())' "$decode_config" "$(run 8 && echo "$score_cleaner" || echo none)" "$model" \
+    3>&1 >/dev/null)  # fd 3: ESPnet prints on stdout
   [ -z "$problem" ] || { log "$problem"; exit 1; }
 fi
 
@@ -298,7 +297,7 @@ if run 8; then
       --ngpu "$ngpu" --mixed_batch "$mixed_batch" --fold_adapters "$fold_adapters"
   python -m pqm_ext.bin.make_results --exp_dir $exp --tag "$tag" --quant $quant --baselines $baselines \
     --data $dump/sa_test --model $model --corpus "$corpus" --nutts $nutts --inits $inits --decode_config "$decode_config" \
-    --score_cleaner "$score_cleaner"
+    ${score_cleaner:+--score_cleaner "$score_cleaner"}
   log "RESULTS: $PWD/$work/RESULTS.md"
 fi
 log "finished stages $stage-$stop_stage in ${SECONDS}s"

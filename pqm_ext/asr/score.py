@@ -9,7 +9,7 @@ words (no spelling or number normalisation: a hypothesis's digits stay, and coun
 
 That is fair between systems that write the corpus's normal form (a Conformer trained on it, and every
 LoRA system, which learns it from its targets) but not to an unadapted Whisper, which writes ``Mrs.``,
-``2008``, ``OK``, ``color`` and ``(Laughter)``: they would count as errors of orthography, and adaptation
+``2008``, ``color`` and ``(Laughter)``: they would count as errors of orthography, and adaptation
 would get the credit for learning the corpus's spelling. ``cleaner="whisper_en"`` therefore scores with
 Whisper's own English normaliser instead, through ESPnet's ``TextCleaner`` (what ESPnet's Whisper recipes
 give asr.sh as ``--cleaner``/``--hyp_cleaner``), on references and hypotheses alike (accents folded first):
