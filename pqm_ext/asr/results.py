@@ -167,8 +167,8 @@ def collect(layout: ExpLayout, systems: List[System], data: DataDir, model: str,
         key = (system.group, system.n_utts)
         scored[key] = score_utterances(data.text, hyps, cleaner)
         summaries[key] = summarize(scored[key], data.utt2spk)
-        write_text_atomic(layout.decode(system.name) / "score.json", json.dumps({**summaries[key], "score_cleaner": cleaner},
-                                                                                     indent=1))
+        write_text_atomic(layout.decode(system.name) / "score.json",
+                          json.dumps({**summaries[key], "score_cleaner": cleaner}, indent=1))
         results["decode_time"][system.name] = decode_timing(layout.decode(system.name), speakers)
     results["systems"] = _nest(summaries)
     fp = scored.get(("fp", None))

@@ -23,16 +23,17 @@ Utterance ids follow Kaldi's TED-LIUM recipe: ``<talk>-<start in cs, 7 digits>-<
 Train segments (and test segments when they are SA candidates) are padded as Kaldi's and ESPnet's
 TED-LIUM recipes pad them (``extend_segment_times.py``: 0.15 s before, 0.1 s after) because the
 release's automatic alignments clip word onsets; padding stops halfway to a neighbouring segment, so
-segments never overlap (a segment left out above is a neighbour too: its speech is in no one's reference). Utterance ids keep the stm times. The demo corpus pads its own stm times and
-passes ``segment_padding=(0, 0)``.
+segments never overlap (a segment left out above is a neighbour too: its speech is in no one's
+reference). Utterance ids keep the stm times. The demo corpus pads its own stm times and passes
+``segment_padding=(0, 0)``.
 
 SA talks are held out of the training talks: the ``num_target_speakers`` targets are drawn from
 the legacy train talks with enough segments (pqm_ext.data.sa_split), and the pretraining pool is the
 remaining train talks less every other talk by a target talk's speaker, so no target voice is in the
 pool. The speaker is known two ways, and either one holds a talk out: the stm speaker field, and the name in
 the talk id (``HansRosling_2006`` and ``HansRosling_2009G``: ``HansRosling``), because some stm files give
-the talk id as the speaker. Segments whose transcript holds ``<unk>`` (often a real word the aligner did not know) are not
-SA candidates: an adaptation or test reference must say every word that was spoken; they stay in the
+the talk id as the speaker. Segments whose transcript holds ``<unk>`` (often a real word the aligner did not
+know) are not SA candidates: an adaptation or test reference must say every word that was spoken; they stay in the
 pool with the marker removed. The legacy dev talks are the dev set. The legacy test talks (11 talks, about
 100 segments each, too few for 100 adaptation + test segments) are not used unless
 ``sa_subsets`` includes "test", in which case they are candidates too.
@@ -143,9 +144,10 @@ def read_stm(stm: Path, sph: Path, seen: Dict[str, Tuple[Path, int]], data: Data
         rest = " ".join(fields[5:]).split()
         label = rest.pop(0) if rest and _is_label(rest[0]) else ""
         transcript = _UTTERANCE_KEY.sub("", " ".join(rest))
-        words = "" if has_digits(transcript) else normalise_tedlium(transcript)
+        digits = has_digits(transcript)
+        words = "" if digits else normalise_tedlium(transcript)
         if not words:
-            if has_digits(transcript):
+            if digits:
                 notes.digits += 1
             else:
                 notes.empty += 1

@@ -39,9 +39,10 @@ _SEPARATORS = re.compile(r"[-\u2010-\u2015\u2212_/]+")
 _APOSTROPHES = re.compile(r"`|(?<=[^\W\d_])[\u2019\u02bc](?=[^\W\d_])")
 _NOT_ALLOWED = re.compile(r"[^A-Z'\s]+")
 _MARKER = r"<[^>]*>|\{[^}]*\}|\[[^\]]*\]"
-_MARKER_WORD = re.compile(rf"^({_MARKER})('(s|t|re|ve|ll|d|m)?)?$", re.IGNORECASE)  # maybe with a joined clitic
+_CLITIC_TOKEN = r"'(s|t|re|ve|ll|d|m)?"  # a lone ' is a plural's possessive (soldiers ')
+_CLITIC = re.compile(rf"^{_CLITIC_TOKEN}$", re.IGNORECASE)
+_MARKER_WORD = re.compile(rf"^({_MARKER})({_CLITIC_TOKEN})?$", re.IGNORECASE)  # maybe with a joined clitic
 _MARKER_ANYWHERE = re.compile(_MARKER)
-_CLITIC = re.compile(r"^'(s|t|re|ve|ll|d|m)?$", re.IGNORECASE)  # and a plural's possessive (soldiers ')
 _ANNOTATION = re.compile(r"\([^)]*\)|\[[^\]]*\]|[\u266a\u266b\u266c\u266f]")  # (Laughter), [Music], music notes
 _VARIANT = re.compile(r"\(\d+\)")
 _NORMALISED = re.compile(r"^[A-Z']+( [A-Z']+)*$")
